@@ -89,7 +89,8 @@ class EngineArgs:
 
     def resolve(self) -> EngineConfig:
         """Validate, fill in every "auto" from the checkpoint and the machine, and freeze."""
-        hf = read_hf_config(self.model)
+        model = resolve_model_path(self.model)
+        hf = read_hf_config(model)
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, hf, device)
         limit = int(hf.get("max_position_embeddings") or 2048)
@@ -119,7 +120,7 @@ class EngineArgs:
         if backend == "auto":
             backend = "torch" if device == "cuda" else "sdpa"
         return EngineConfig(
-            model=ModelConfig(self.model, dtype, max_model_len, self.seed, self.tokenizer),
+            model=ModelConfig(model, dtype, max_model_len, self.seed, self.tokenizer),
             cache=CacheConfig(layers_per_tensor, page_bytes, self.gpu_memory_utilization,
                               self.kv_cache_memory_bytes, self.enable_prefetch),
             scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, max_model_len,
@@ -133,6 +134,15 @@ class EngineArgs:
 def _positive(name: str, value: int) -> None:
     if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def resolve_model_path(model: str) -> str:
+    """A checkpoint directory; `builtin:<name>` is a tiny model built on first use into a cache."""
+    if model.startswith("builtin:"):
+        from vattn_ray.model.builder import ensure_builtin_model
+
+        return ensure_builtin_model(model.split(":", 1)[1])
+    return model
 
 
 def read_hf_config(model_dir: str) -> dict:

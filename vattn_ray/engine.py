@@ -1,0 +1,266 @@
+"""The engine: tokenizer + head scheduler + executor, stepped in a loop.
+
+`LLMEngine.step()` = scheduler.schedule() -> executor.execute(plan) -> scheduler.update(output),
+then detokenise, apply stop strings and build `RequestOutput`s. A request with `n > 1` is run as
+n child sequences (seed + i when seeded) and reported as one output with n completions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+
+from vattn_ray.config import EngineArgs, EngineConfig, read_hf_config
+from vattn_ray.detokenizer import IncrementalDetokenizer, find_stop
+from vattn_ray.executor import make_executor
+from vattn_ray.outputs import CompletionOutput, RequestOutput
+from vattn_ray.sampling_params import SamplingParams
+from vattn_ray.scheduler.plan import StepOutput, StepPlan
+
+logger = logging.getLogger(__name__)
+GIB = 1 << 30
+
+
+@dataclass
+class _Sequence:
+    """Head-side state of one generated sequence (one child of a request)."""
+
+    parent: "_Request"
+    index: int
+    params: SamplingParams
+    detok: IncrementalDetokenizer
+    output: CompletionOutput
+    emitted_text: int = 0  # characters of output.text already streamed
+    emitted_tokens: int = 0
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[_Sequence] = field(default_factory=list)
+    arrival: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.output.finished for s in self.seqs)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+class LLMEngine:
+    """Synchronous engine; the async engine and the offline `LLM` both wrap it."""
+
+    def __init__(self, config: EngineConfig, placement_group=None) -> None:
+        self.config = config
+        self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
+        self.executor = make_executor(config, placement_group=placement_group)
+        infos = self.executor.start()
+        self.layout = _agreed_layout(infos)
+        from vattn_ray.scheduler import Scheduler
+
+        self.scheduler = Scheduler(config.scheduler, self.layout, [i.capacity_groups for i in infos])
+        self.eos_token_ids = _eos_ids(self.tokenizer, config.model.model)
+        self.vocab_size = int(read_hf_config(config.model.model)["vocab_size"])
+        self.requests: dict[str, _Request] = {}
+        self.seq_of: dict[str, _Sequence] = {}  # scheduler request id -> sequence
+        self.num_steps = 0
+        info = infos[0]
+        logger.info("engine ready: %s on %s x%d, weights %.2f GiB/rank, KV pool %.2f GiB/rank "
+                    "(%d page groups, %.1f tokens each), %d slots, max_model_len %d",
+                    info.architecture, info.device_name, len(infos), info.weight_bytes / GIB,
+                    info.kv_pool_bytes / GIB, min(i.capacity_groups for i in infos),
+                    self.layout.tokens_per_group, self.layout.max_slots, config.scheduler.max_model_len)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, placement_group=None) -> "LLMEngine":
+        return cls(args.resolve(), placement_group=placement_group)
+
+    # ---- requests -------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        """(prompt text or None, token ids); clear errors for empty or malformed prompts."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty; send at least one token of text")
+            return prompt, list(self.tokenizer.encode(prompt))
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty; send at least one token id")
+        vocab = self.vocab_size
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise ValueError(f"prompt token id {t!r} is not an integer in [0, {vocab})")
+        return None, ids
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        """Admit a request (all n sequences) or raise ValueError saying what to change."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self.tokenize(prompt)
+        req = _Request(request_id, text, ids)
+        added: list[str] = []
+        try:
+            for i in range(params.n):
+                child = params if params.n == 1 else dataclasses.replace(
+                    params, n=1, seed=None if params.seed is None else params.seed + i)
+                seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
+                seq = _Sequence(req, i, child, IncrementalDetokenizer(self.tokenizer),
+                                CompletionOutput(index=i, logprobs=[] if child.logprobs is not None else None))
+                self.scheduler.add_request(seq_id, ids, child, self.eos_token_ids)
+                added.append(seq_id)
+                req.seqs.append(seq)
+                self.seq_of[seq_id] = seq
+        except ValueError:
+            for seq_id in added:
+                self.scheduler.abort(seq_id)
+                self.seq_of.pop(seq_id, None)
+            raise
+        self.requests[request_id] = req
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; its slot keeps its pages for the next request (deferred reclamation)."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq_id, seq in self._seq_ids(req):
+            if not seq.output.finished:
+                self.scheduler.abort(seq_id)
+                seq.output.finish_reason = "abort"
+            self.seq_of.pop(seq_id, None)
+        return self._make_output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One scheduler step; returns outputs of requests that produced text or finished."""
+        plan = self.schedule()
+        if plan is None:
+            return []
+        return self.process(plan, self.executor.execute(plan))
+
+    def schedule(self) -> StepPlan | None:
+        """The next plan, or None when there is nothing to do."""
+        plan = self.scheduler.schedule()
+        if not (plan.seqs or plan.kv_now or plan.kv_prefetch or plan.finished):
+            return None
+        return plan
+
+    def process(self, plan: StepPlan, out: StepOutput) -> list[RequestOutput]:
+        """Take a step's output into the scheduler; build the outputs it produced."""
+        self.num_steps += 1
+        touched: dict[str, _Request] = {}
+        now = time.monotonic()
+        for upd in self.scheduler.update(plan, out):
+            seq = self.seq_of.get(upd.req_id)
+            if seq is None:
+                continue  # aborted while its step was in flight
+            req = seq.parent
+            if upd.new_token_ids and req.first_token is None:
+                req.first_token = now
+            self._append(seq, upd)
+            if seq.output.finished:
+                self.seq_of.pop(upd.req_id, None)
+            touched[req.request_id] = req
+        outputs = []
+        for req in touched.values():
+            outputs.append(self._make_output(req))
+            if req.finished:
+                self.requests.pop(req.request_id, None)
+        return outputs
+
+    def _append(self, seq: _Sequence, upd) -> None:
+        o = seq.output
+        o.token_ids.extend(upd.new_token_ids)
+        if o.logprobs is not None:
+            for tok in upd.new_tokens:
+                entry = dict(tok.top_logprobs or ())
+                if tok.logprob is not None:
+                    entry[tok.token_id] = tok.logprob
+                    o.cumulative_logprob = (o.cumulative_logprob or 0.0) + tok.logprob
+                o.logprobs.append(entry)
+        before = len(o.text)
+        o.text += seq.detok.add(list(upd.new_token_ids))
+        if upd.finished:
+            o.text += seq.detok.flush()
+        stop = find_stop(o.text, before, seq.params.stop) if seq.params.stop else None
+        if stop is not None:
+            o.text = o.text[:stop[0]]
+            o.finish_reason, o.stop_reason = "stop", stop[1]
+            if not upd.finished:
+                self.scheduler.finish(upd.req_id, "stop")
+        elif upd.finished:
+            o.finish_reason = upd.finish_reason
+            o.stop_reason = getattr(upd, "stop_reason", None)
+
+    def _make_output(self, req: _Request) -> RequestOutput:
+        outs = []
+        for seq in req.seqs:
+            o = seq.output
+            # Hold back a tail that could still become a stop string, so streamed text never
+            # has to be taken back.
+            hold = 0 if o.finished or not seq.params.stop else max(len(s) for s in seq.params.stop) - 1
+            visible = max(seq.emitted_text, len(o.text) - hold)
+            o.delta_text = o.text[seq.emitted_text:visible]
+            o.delta_token_ids = o.token_ids[seq.emitted_tokens:]
+            seq.emitted_text, seq.emitted_tokens = visible, len(o.token_ids)
+            outs.append(dataclasses.replace(o, token_ids=list(o.token_ids), text=o.text[:visible],
+                                            logprobs=None if o.logprobs is None else list(o.logprobs)))
+        metrics = {"arrival_time": req.arrival, "first_token_time": req.first_token}
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, metrics)
+
+    @staticmethod
+    def _seq_ids(req: _Request):
+        n = len(req.seqs)
+        for seq in req.seqs:
+            yield (req.request_id if n == 1 else f"{req.request_id}#{seq.index}"), seq
+
+    # ---- operations -----------------------------------------------------------------------
+    def check_integrity(self) -> None:
+        """The scheduler's books and every shard's page tables agree (tests call this)."""
+        self.scheduler.check_integrity()
+        self.executor.check_integrity(self.scheduler.slot_groups())
+
+    def stats(self) -> dict:
+        s = self.scheduler.stats
+        out = dataclasses.asdict(s) if dataclasses.is_dataclass(s) else dict(s)
+        out["num_steps"] = self.num_steps
+        return out
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _agreed_layout(infos: list):
+    """All shards must hold the same model and KV layout, or lockstep paging cannot work."""
+    first = infos[0]
+    for info in infos[1:]:
+        if info.layout != first.layout or info.architecture != first.architecture:
+            raise RuntimeError(f"shards disagree: rank 0 has {first.architecture} {first.layout}, "
+                               f"rank {info.rank} has {info.architecture} {info.layout}")
+    return first.layout
+
+
+def _eos_ids(tokenizer, model_dir: str) -> tuple[int, ...]:
+    """EOS ids from the tokenizer and from generation_config.json (Llama 3 lists several)."""
+    import json
+    import os
+
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    path = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    return tuple(sorted(ids))

@@ -1,0 +1,76 @@
+"""The executor seam: how the head reaches its workers (in-process for TP=1, Ray actors for TP>1).
+
+Every executor offers the same few calls; the engine never knows which one it drives.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from vattn_ray.config import EngineConfig
+from vattn_ray.scheduler.plan import StepOutput, StepPlan
+
+
+class WorkerFailed(RuntimeError):
+    """A worker died or raised; in-flight requests cannot continue on this group."""
+
+
+class Executor(ABC):
+    """Drives one tensor-parallel worker group."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def start(self) -> list:
+        """Start every worker, load weights and KV pools; return each rank's `WorkerInfo`."""
+
+    @abstractmethod
+    def execute(self, plan: StepPlan) -> StepOutput:
+        """Run one step on all ranks; rank 0's output with every rank's KV failures merged."""
+
+    @abstractmethod
+    def check_integrity(self, expected: dict[int, int]) -> None:
+        """Every shard's KV manager matches the scheduler's view of the slots."""
+
+    @abstractmethod
+    def kv_stats(self, live_tokens: dict[int, int] | None = None):
+        """Rank 0's KV statistics."""
+
+    @abstractmethod
+    def shutdown(self) -> None: ...
+
+
+class InProcessExecutor(Executor):
+    """TP=1: the worker lives in this process; a step is a plain method call."""
+
+    def start(self) -> list:
+        from workers.worker import Worker
+
+        self.worker = Worker(self.config)
+        self.worker.init_device()
+        return [self.worker.load()]
+
+    def execute(self, plan: StepPlan) -> StepOutput:
+        return self.worker.execute(plan)
+
+    def check_integrity(self, expected: dict[int, int]) -> None:
+        self.worker.check_integrity(expected)
+
+    def kv_stats(self, live_tokens: dict[int, int] | None = None):
+        return self.worker.kv_stats(live_tokens)
+
+    def shutdown(self) -> None:
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.shutdown()
+            self.worker = None
+
+
+def make_executor(config: EngineConfig, placement_group=None) -> Executor:
+    """TP=1 runs in-process; TP>1 runs one Ray actor per rank (in `placement_group` if given)."""
+    if config.parallel.tensor_parallel_size == 1:
+        return InProcessExecutor(config)
+    from vattn_ray.ray_executor import RayExecutor
+
+    return RayExecutor(config, placement_group=placement_group)

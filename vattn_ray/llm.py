@@ -1,0 +1,100 @@
+"""The offline API, shaped like vLLM's so users can switch without rewriting.
+
+    from vattn_ray import LLM, SamplingParams
+    llm = LLM(model="/path/to/hf-checkpoint")
+    outs = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
+    print(outs[0].outputs[0].text)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from vattn_ray.config import EngineArgs
+from vattn_ray.engine import LLMEngine
+from vattn_ray.outputs import RequestOutput
+from vattn_ray.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Generate from a local Hugging Face checkpoint with a demand-paged virtual-memory KV cache."""
+
+    def __init__(self, model: str, tensor_parallel_size: int = 1, device: str = "auto",
+                 dtype: str = "auto", max_model_len: int | None = None, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, gpu_memory_utilization: float = 0.9,
+                 kv_layers_per_tensor: int | str = "auto", seed: int = 0, **kwargs) -> None:
+        args = EngineArgs(model=model, tensor_parallel_size=tensor_parallel_size, device=device,
+                          dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=max_num_batched_tokens,
+                          gpu_memory_utilization=gpu_memory_utilization,
+                          kv_layers_per_tensor=kv_layers_per_tensor, seed=seed, **kwargs)
+        self.engine = LLMEngine.from_engine_args(args)
+        self._counter = 0
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in the order of `prompts`.
+
+        `prompts`: a string, a list of token ids, or a list of either.
+        """
+        prompt_list = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = ([sampling_params] * len(prompt_list) if isinstance(sampling_params, SamplingParams)
+                  else list(sampling_params))
+        if len(params) != len(prompt_list):
+            raise ValueError(f"got {len(params)} sampling_params for {len(prompt_list)} prompts")
+        ids = []
+        for prompt, p in zip(prompt_list, params):
+            request_id = f"offline-{self._counter}"
+            self._counter += 1
+            self.engine.add_request(request_id, prompt, p)
+            ids.append(request_id)
+        done: dict[str, RequestOutput] = {}
+        bar = _progress(len(ids)) if use_tqdm else None
+        try:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for request_id in ids:
+                if request_id not in done:
+                    self.engine.abort_request(request_id)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [done[i] for i in ids]
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+        return [prompts]  # a single prompt given as token ids
+    return prompts
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="generate", unit="req")

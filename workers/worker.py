@@ -1,0 +1,207 @@
+"""The per-device worker: loads its shard, owns its KV manager, executes `StepPlan`s.
+
+It decides nothing: it applies the plan's KV ops, runs the batch, and reports what it sampled
+(rank 0) and which KV ops it could not apply (any rank). The same class runs in-process (TP=1)
+or inside a Ray actor (any TP).
+
+Hot path: `execute` runs once per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from vattn_ray.config import EngineConfig
+from vattn_ray.layout import KVLayout
+from vattn_ray.sampling_params import SamplingParams
+from vattn_ray.scheduler.plan import KVFailure, StepOutput, StepPlan
+
+logger = logging.getLogger(__name__)
+
+DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GIB = 1 << 30
+CPU_DEFAULT_KV_BYTES = 1 * GIB  # host pages are committed only when touched
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker reports after start-up; the engine checks that all shards agree."""
+
+    rank: int
+    layout: KVLayout
+    capacity_groups: int
+    weight_bytes: int
+    kv_pool_bytes: int
+    architecture: str
+    device_name: str
+
+
+class Worker:
+    """One shard of the model plus its virtual-memory KV cache."""
+
+    def __init__(self, config: EngineConfig, rank: int = 0, world_size: int = 1,
+                 dist_init_method: str | None = None) -> None:
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.dist_init_method = dist_init_method
+        self.dtype = DTYPE[config.model.dtype]
+        self.device = torch.device("cpu")
+        self.requests: dict[str, SamplingParams] = {}
+        self.model = None
+        self.kv = None
+        self.group = None
+
+    # ---- start-up -------------------------------------------------------------------------
+    def init_device(self) -> None:
+        """Pick the device and join the process group (NCCL on GPU, gloo on CPU) when TP > 1."""
+        if self.config.device == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            self.device = torch.device("cuda", local if torch.cuda.device_count() > local else 0)
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(self.config.model.seed)
+        if self.world_size > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if self.config.device == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend, init_method=self.dist_init_method,
+                                                 rank=self.rank, world_size=self.world_size)
+            self.group = torch.distributed.group.WORLD
+
+    def load(self) -> WorkerInfo:
+        """Load this rank's weights, then size and create the KV pool from what memory is left."""
+        from vattn_ray.kvcache import KVManager
+        from vattn_ray.model import load_model
+        from vattn_ray.sampling import Sampler
+
+        cfg = self.config
+        self.model = load_model(cfg.model.model, dtype=self.dtype, device=self.device, rank=self.rank,
+                                world_size=self.world_size, attention_backend=cfg.attention_backend)
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        layout = KVLayout.build(
+            num_layers=self.model.num_layers, layers_per_tensor=cfg.cache.kv_layers_per_tensor,
+            num_kv_heads=self.model.num_kv_heads, head_dim=self.model.head_dim,
+            itemsize=torch.empty((), dtype=self.dtype).element_size(), page_bytes=cfg.cache.page_bytes,
+            max_slots=cfg.scheduler.max_num_seqs, max_model_len=cfg.scheduler.max_model_len)
+        budget = self._kv_budget_bytes(layout)
+        self.kv = KVManager.from_budget(layout, self.device, budget, self.dtype, rank=self.rank)
+        self.sampler = Sampler()
+        from vattn_ray.attention import get_backend
+
+        self.attention = get_backend(cfg.attention_backend)
+        info = WorkerInfo(self.rank, layout, self.kv.num_page_groups, weight_bytes,
+                          self.kv.num_page_groups * layout.page_group_bytes,
+                          type(self.model).__name__, str(self.device))
+        logger.info("rank %d: weights %.2f GiB, KV pool %.2f GiB = %d page groups of %.1f tokens "
+                    "(%d virtual tensors, G=%d), %d slots x %d tokens", self.rank, weight_bytes / GIB,
+                    info.kv_pool_bytes / GIB, info.capacity_groups, layout.tokens_per_group,
+                    layout.num_tensors, layout.layers_per_tensor, layout.max_slots,
+                    layout.max_tokens_per_slot)
+        return info
+
+    def _kv_budget_bytes(self, layout: KVLayout) -> int:
+        cfg = self.config.cache
+        if cfg.kv_cache_memory_bytes is not None:
+            return int(cfg.kv_cache_memory_bytes)
+        if self.device.type != "cuda":
+            return CPU_DEFAULT_KV_BYTES
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        budget = int(cfg.gpu_memory_utilization * total) - used - self._activation_reserve()
+        if budget < layout.page_group_bytes:
+            raise ValueError(
+                f"no GPU memory left for the KV cache: {used / GIB:.1f} GiB in use of {total / GIB:.1f} GiB "
+                f"at gpu_memory_utilization={cfg.gpu_memory_utilization}; raise gpu_memory_utilization, "
+                "lower max_num_batched_tokens, or use more tensor parallelism")
+        return budget
+
+    def _activation_reserve(self) -> int:
+        """Peak activation bytes of the largest step, estimated from the model's shapes."""
+        hf = self.model.hf_config
+        tokens = self.config.scheduler.max_num_batched_tokens
+        width = (4 * hf.hidden_size + 3 * hf.intermediate_size // self.world_size)
+        logits = self.config.scheduler.max_num_seqs * hf.vocab_size * 4 * 3
+        return tokens * width * self.dtype.itemsize * 2 + logits + 512 * (1 << 20)
+
+    # ---- the step -------------------------------------------------------------------------
+    def execute(self, plan: StepPlan) -> StepOutput:
+        """Apply the plan's KV ops, run its batch, sample (rank 0), start next step's prefetch."""
+        failures = self.kv.wait_prefetch()
+        failures += self.kv.apply(plan.kv_now)
+        for new in plan.new_requests:
+            self.requests[new.req_id] = new.sampling
+        if self._any_rank_failed(bool(failures)):
+            self._forget(plan.finished)
+            return StepOutput(plan.step, (), self._tag(failures), executed=False)
+        sampled = ()
+        if plan.seqs:
+            if self.config.cache.enable_prefetch:
+                self.kv.prefetch(plan.kv_prefetch)  # mapped on a thread while the GPU computes
+            sampled = self._run_batch(plan)
+            if not self.config.cache.enable_prefetch:
+                failures += self.kv.apply(plan.kv_prefetch)
+        else:
+            failures += self.kv.apply(plan.kv_prefetch)
+        self._forget(plan.finished)
+        return StepOutput(plan.step, sampled, self._tag(failures), executed=True)
+
+    @torch.inference_mode()
+    def _run_batch(self, plan: StepPlan) -> tuple:
+        seqs = plan.seqs
+        ids, pos, sample_rows = [], [], []
+        for s in seqs:
+            ids.extend(s.token_ids)
+            pos.extend(range(s.start, s.end))
+            if s.sample:
+                sample_rows.append(len(ids) - 1)
+        host = torch.tensor([ids, pos], dtype=torch.long)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        dev = host.to(self.device, non_blocking=True)
+        meta = self.attention.build_metadata(seqs, self.kv.layout.max_tokens_per_slot, self.device)
+        hidden = self.model(dev[0], dev[1], meta, self.kv.layer_kv)
+        if not sample_rows:
+            return ()
+        rows = torch.tensor(sample_rows, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        if self.rank != 0:
+            return ()
+        chunks = [s for s in seqs if s.sample]
+        return tuple(self.sampler.sample(logits, chunks, [self.requests[c.req_id] for c in chunks]))
+
+    def _any_rank_failed(self, failed: bool) -> bool:
+        """All shards must agree to skip a step, or the ones that run would wait in a collective."""
+        if self.world_size == 1:
+            return failed
+        flag = torch.tensor([1 if failed else 0], dtype=torch.int32,
+                            device=self.device if self.device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(flag, group=self.group)
+        return bool(flag.item())
+
+    def _tag(self, failures: list[KVFailure]) -> tuple[KVFailure, ...]:
+        return tuple(KVFailure(self.rank, f.slot, f.num_groups, f.reason) for f in failures)
+
+    def _forget(self, finished: tuple[str, ...]) -> None:
+        for req_id in finished:
+            self.requests.pop(req_id, None)
+
+    # ---- checks and shutdown ---------------------------------------------------------------
+    def check_integrity(self, expected: dict[int, int]) -> None:
+        self.kv.wait_prefetch()
+        self.kv.check_integrity(expected)
+
+    def kv_stats(self, live_tokens: dict[int, int] | None = None):
+        return self.kv.stats(live_tokens)
+
+    def ping(self) -> int:
+        return self.rank
+
+    def shutdown(self) -> None:
+        if self.kv is not None:
+            self.kv.close()
+            self.kv = None
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
