@@ -1,0 +1,163 @@
+"""A tensor-parallel worker group as Ray actors, one per device, in one placement group.
+
+Control path: a Ray compiled graph (shared-memory channels) sends each `StepPlan` to every rank
+and brings back each rank's `StepOutput`; a plain actor call costs about a millisecond, the
+compiled graph a fraction of that. Other commands (integrity checks, stats) travel through the
+same graph so nothing runs on a worker concurrently with a step.
+
+Inside a Ray Serve replica the group uses the replica's own placement group (rank i in bundle i;
+the replica sits in bundle 0, see `placement/`); standalone it creates one and removes it at
+shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from vattn_ray.config import EngineConfig
+from vattn_ray.executor import Executor, WorkerFailed
+from vattn_ray.scheduler.plan import StepOutput, StepPlan
+
+logger = logging.getLogger(__name__)
+
+# NVLink multicast must stay off on the shared GPU hosts; every worker process inherits this.
+WORKER_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+STEP_TIMEOUT_S = float(os.environ.get("VATTN_RAY_STEP_TIMEOUT_S", "600"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class _RemoteWorker:
+    """The `Worker`, plus what a remote rank needs: its address and a command dispatcher."""
+
+    def __init__(self, config: EngineConfig, rank: int, world_size: int) -> None:
+        from workers.worker import Worker
+
+        self.worker = Worker(config, rank, world_size)
+
+    def address(self) -> str:
+        import ray
+
+        return f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
+
+    def start(self, init_method: str):
+        self.worker.dist_init_method = init_method
+        self.worker.init_device()
+        return self.worker.load()
+
+    def run(self, command):
+        """A StepPlan, or (method name, args) for the rare calls that are not steps."""
+        if isinstance(command, StepPlan):
+            return self.worker.execute(command)
+        name, args = command
+        return getattr(self.worker, name)(*args)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RayExecutor(Executor):
+    """N Ray actors, one per rank; all ranks apply every plan in lockstep."""
+
+    def __init__(self, config: EngineConfig, placement_group=None) -> None:
+        super().__init__(config)
+        self.placement_group = placement_group
+        self.owns_placement_group = False
+        self.workers = []
+        self.graph = None
+        self.use_compiled_graph = os.environ.get("VATTN_RAY_COMPILED_GRAPH", "1") != "0"
+
+    def start(self) -> list:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from placement import bundles_for, check_resources
+
+        tp = self.config.parallel.tensor_parallel_size
+        if not ray.is_initialized():
+            ray.init(runtime_env={"env_vars": WORKER_ENV})
+        pg = self.placement_group or ray.util.get_current_placement_group()
+        if pg is None:
+            bundles = bundles_for(tp, self.config.device, self.config.parallel.accelerator_type)
+            check_resources(bundles, self.config.parallel.placement_strategy)
+            pg = ray.util.placement_group(bundles, strategy=self.config.parallel.placement_strategy)
+            ray.get(pg.ready(), timeout=120)
+            self.owns_placement_group = True
+        self.placement_group = pg
+        gpus = 1 if self.config.device == "cuda" else 0
+        actor_cls = ray.remote(_RemoteWorker)
+        env = dict(WORKER_ENV)
+        if os.environ.get("PYTHONPATH"):
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]  # carried packages on the GPU machine
+        for rank in range(tp):
+            self.workers.append(actor_cls.options(
+                num_cpus=0, num_gpus=gpus, runtime_env={"env_vars": env},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=rank),
+            ).remote(self.config, rank, tp))
+        init_method = ray.get(self.workers[0].address.remote())
+        infos = self._get([w.start.remote(init_method) for w in self.workers])
+        self.pids = self._get([w.pid.remote() for w in self.workers])
+        if self.use_compiled_graph:
+            from ray.dag import InputNode, MultiOutputNode
+
+            with InputNode() as command:
+                dag = MultiOutputNode([w.run.bind(command) for w in self.workers])
+            self.graph = dag.experimental_compile()
+        logger.info("started %d workers (pids %s), compiled graph %s", tp, self.pids,
+                    "on" if self.graph is not None else "off")
+        return infos
+
+    def _get(self, refs, timeout: float | None = STEP_TIMEOUT_S):
+        import ray
+
+        try:
+            return ray.get(refs, timeout=timeout)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError,
+                ray.exceptions.GetTimeoutError, ray.exceptions.RayChannelError) as exc:
+            raise WorkerFailed(f"a tensor-parallel worker failed: {exc}") from exc
+
+    def _run_all(self, command) -> list:
+        if self.graph is not None:
+            return self._get(self.graph.execute(command))
+        return self._get([w.run.remote(command) for w in self.workers])
+
+    def execute(self, plan: StepPlan) -> StepOutput:
+        outs = self._run_all(plan)
+        first = outs[0]
+        failures = tuple(f for o in outs for f in o.kv_failures)
+        executed = all(o.executed for o in outs)
+        if failures == first.kv_failures and executed == first.executed:
+            return first
+        return StepOutput(first.step, first.sampled if executed else (), failures, executed)
+
+    def check_integrity(self, expected: dict[int, int]) -> None:
+        self._run_all(("check_integrity", (expected,)))
+
+    def kv_stats(self, live_tokens: dict[int, int] | None = None):
+        return self._run_all(("kv_stats", (live_tokens,)))[0]
+
+    def shutdown(self) -> None:
+        import ray
+
+        if self.graph is not None:
+            try:
+                self.graph.teardown()
+            except Exception:  # noqa: BLE001 - a dead worker makes teardown fail; go on killing
+                logger.warning("compiled graph teardown failed", exc_info=True)
+            self.graph = None
+        for w in self.workers:
+            try:
+                ray.kill(w)
+            except Exception:  # noqa: BLE001
+                pass
+        self.workers = []
+        if self.owns_placement_group and self.placement_group is not None:
+            ray.util.remove_placement_group(self.placement_group)
+            self.placement_group = None
