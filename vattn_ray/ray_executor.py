@@ -84,7 +84,9 @@ class RayExecutor(Executor):
             ray.init(runtime_env={"env_vars": WORKER_ENV})
         pg = self.placement_group or ray.util.get_current_placement_group()
         if pg is None:
-            bundles = bundles_for(tp, self.config.device, self.config.parallel.accelerator_type)
+            # Standalone the driver is not in the group: no replica CPU in bundle 0.
+            bundles = bundles_for(tp, self.config.device, self.config.parallel.accelerator_type,
+                                  replica_cpus=0)
             check_resources(bundles, self.config.parallel.placement_strategy)
             pg = ray.util.placement_group(bundles, strategy=self.config.parallel.placement_strategy)
             ray.get(pg.ready(), timeout=120)
