@@ -6,7 +6,9 @@ Layout (one replica = one engine = one TP group):
     bundle i:   TP worker rank i (``worker_cpus`` CPU, 1 GPU),  for i = 1 .. tp-1
 
 Ray Serve schedules the replica actor into bundle 0 of ``placement_group_bundles``, so bundle 0 must
-hold the replica's own CPU next to rank 0's resources; the engine places worker rank i in bundle i.
+hold the replica's own CPU next to rank 0's resources. At TP > 1 the engine starts worker rank i as
+a Ray actor in bundle i; at TP = 1 it runs rank 0 inside the replica process (no actor), so the
+replica actor itself claims all of bundle 0, GPU included (see `serve_deployment_options`).
 On ``device="cpu"`` the bundles carry no GPU. An ``accelerator_type`` adds the custom resource
 ``accelerator_type:<T>`` (0.001 per bundle, Ray's convention) so that the group lands on that GPU model.
 """
@@ -71,13 +73,19 @@ def serve_deployment_options(tensor_parallel_size: int, device: str = "cuda",
                              *, replica_cpus: float = 1.0, worker_cpus: float = 1.0) -> dict:
     """The options a Serve deployment needs to host one TP group per replica.
 
-    ``ray_actor_options`` pins the replica's own demand (it must fit in bundle 0; the replica never
-    takes a GPU: the workers own them).
+    ``ray_actor_options`` is the replica actor's own demand, which must fit in bundle 0: at TP = 1
+    the worker runs inside the replica, so the replica takes bundle 0 whole (its GPU too); at
+    TP > 1 the worker actors hold the GPUs and the replica takes only ``replica_cpus``.
     """
     bundles = bundles_for(tensor_parallel_size, device, accelerator_type,
                           replica_cpus=replica_cpus, worker_cpus=worker_cpus)
+    in_process = tensor_parallel_size == 1
+    actor_options = {
+        "num_cpus": bundles[0].get("CPU", 0.0) if in_process else float(replica_cpus),
+        "num_gpus": bundles[0].get("GPU", 0.0) if in_process else 0,
+    }
     return {
         "placement_group_bundles": bundles,
         "placement_group_strategy": strategy_for(tensor_parallel_size, strategy),
-        "ray_actor_options": {"num_cpus": float(replica_cpus), "num_gpus": 0},
+        "ray_actor_options": actor_options,
     }

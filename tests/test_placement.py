@@ -54,6 +54,14 @@ def test_serve_options_pin_the_replica_into_bundle_zero():
     assert opts["ray_actor_options"]["num_cpus"] <= opts["placement_group_bundles"][0]["CPU"]
 
 
+def test_at_tp1_the_replica_hosts_the_worker_and_takes_bundle_zero_whole():
+    opts = serve_deployment_options(1, "cuda", replica_cpus=1, worker_cpus=1)
+    assert opts["placement_group_bundles"] == [{"CPU": 2.0, "GPU": 1.0}]
+    assert opts["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 1.0}
+    cpu = serve_deployment_options(1, "cpu", replica_cpus=0.5, worker_cpus=0.5)
+    assert cpu["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+
+
 def test_strict_pack_needs_every_gpu_on_one_node():
     bundles = bundles_for(2)
     with pytest.raises(PlacementError) as err:
