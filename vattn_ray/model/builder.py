@@ -82,6 +82,9 @@ def make_config(family: str, dtype: str, **fields):
     fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
     if family == "mistral":
         fields.setdefault("sliding_window", None)  # full attention: what the runtime computes
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}[family]
+    fields.setdefault("architectures", [arch])
     return cls(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, dtype=dtype, **fields)
 
 
