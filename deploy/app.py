@@ -1,0 +1,102 @@
+"""The Ray Serve application: ``serve run deploy/config.yaml`` or import path ``deploy.app:build_app``.
+
+Each replica builds one engine (one TP group) inside the placement group that `placement/` derives
+from the TP size, and serves the OpenAI API of `deploy.server` over it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from deploy.args import AppArgs
+from deploy.metrics import ServerMetrics
+from deploy.server import OpenAIServer, create_app
+from placement import check_resources, serve_deployment_options
+
+logger = logging.getLogger("ray.serve")
+
+EngineFactory = Callable[[AppArgs, str], Any]
+
+
+def make_engine(args: AppArgs, device: str):
+    """The one place a replica's engine is made (tests of the HTTP layer inject another)."""
+    import ray
+
+    from vattn_ray.async_engine import AsyncLLMEngine
+
+    return AsyncLLMEngine.from_engine_args(args.engine_args(device),
+                                           placement_group=ray.util.get_current_placement_group())
+
+
+@serve.deployment(name="LLMServer")
+@serve.ingress()
+class LLMServer:
+    """One replica: one engine, the OpenAI routes, and the engine gauges exported every second."""
+
+    def __init__(self, args: dict, device: str, engine_factory: EngineFactory | None = None) -> None:
+        self.args = AppArgs(**args)
+        self.engine = (engine_factory or make_engine)(self.args, device)
+        self.server = OpenAIServer(self.engine, self.args.served_name, ServerMetrics(self.args.served_name))
+        self._poller: asyncio.Task | None = None
+
+    async def __serve_build_asgi_app__(self):
+        self._poller = asyncio.get_running_loop().create_task(self._export_stats())
+        return create_app(self.server)
+
+    async def _export_stats(self) -> None:
+        while True:
+            try:
+                self.server.record_engine_stats()
+            except Exception:  # noqa: BLE001 - metrics must never take the replica down
+                logger.warning("could not export engine stats", exc_info=True)
+            await asyncio.sleep(self.args.stats_interval_s)
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising makes Serve replace the replica."""
+        self.engine.check_health()
+
+    def __del__(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def resolve_device(args: AppArgs) -> str:
+    """"auto" -> "cuda" when the cluster has GPUs, else "cpu" (decides the placement bundles)."""
+    if args.device != "auto":
+        return args.device
+    import ray
+
+    if ray.is_initialized():
+        return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    from vattn_ray.config import resolve_device as engine_device
+
+    return engine_device("auto")
+
+
+def build_app(args: dict | AppArgs | None = None) -> Application:
+    """The Serve application for `args` (the ``args:`` of a Serve config; see `deploy.args.AppArgs`)."""
+    import ray
+
+    app_args = args if isinstance(args, AppArgs) else AppArgs(**(args or {}))
+    device = resolve_device(app_args)
+    placement = serve_deployment_options(
+        app_args.tensor_parallel_size, device, app_args.placement_strategy, app_args.accelerator_type,
+        replica_cpus=app_args.replica_cpus, worker_cpus=app_args.worker_cpus)
+    if app_args.placement_check and ray.is_initialized():
+        check_resources(placement["placement_group_bundles"], placement["placement_group_strategy"],
+                        context=f"tensor_parallel_size={app_args.tensor_parallel_size}",
+                        wait_s=app_args.placement_wait_s)
+    logger.info("vattn-ray app: model %s as %r, TP=%d on %s, bundles %s (%s)", app_args.model,
+                app_args.served_name, app_args.tensor_parallel_size, device,
+                placement["placement_group_bundles"], placement["placement_group_strategy"])
+    deployment = LLMServer.options(**placement, **app_args.deployment_options())
+    return deployment.bind(app_args.model_dump(), device)

@@ -1,0 +1,83 @@
+"""Typed arguments of the Serve application (the ``args:`` block of a Serve config file)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from vattn_ray.config import EngineArgs
+
+
+class AppArgs(BaseModel):
+    """What `deploy.app:build_app` accepts. Engine fields keep vLLM's names."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # --- the model
+    model: str = Field("builtin:tiny-llama", description="Hugging Face checkpoint directory, or "
+                       "builtin:<name> for a tiny random model built on first use")
+    served_model_name: str | None = Field(None, description="Name clients send as `model`; default: "
+                                          "the builtin name or the checkpoint directory's name")
+    tokenizer: str | None = None
+    # --- the engine
+    tensor_parallel_size: int = Field(1, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int | None = Field(None, ge=1)
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    kv_layers_per_tensor: int | Literal["auto"] = "auto"
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    kv_cache_memory_bytes: int | None = Field(None, ge=1)
+    attention_backend: Literal["auto", "torch", "flash_attn", "sdpa"] = "auto"
+    seed: int = 0
+    # --- placement (see placement/)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "STRICT_PACK"
+    accelerator_type: str | None = None
+    replica_cpus: float = Field(1.0, ge=0, description="CPUs of the replica actor (in bundle 0)")
+    worker_cpus: float = Field(1.0, ge=0, description="CPUs reserved for each TP worker")
+    placement_check: bool = Field(True, description="Refuse to deploy when no node can ever hold "
+                                  "one replica's placement group")
+    placement_wait_s: float = Field(0.0, ge=0, description="How long the check waits for nodes to "
+                                    "join (autoscaling clusters) before failing")
+    # --- Ray Serve deployment options
+    num_replicas: int | Literal["auto"] | None = None
+    autoscaling_config: dict[str, Any] | None = None
+    max_ongoing_requests: int | None = Field(None, ge=1)
+    max_queued_requests: int | None = None
+    health_check_period_s: float | None = Field(None, gt=0)
+    health_check_timeout_s: float | None = Field(None, gt=0)
+    stats_interval_s: float = Field(1.0, gt=0, description="How often engine gauges are exported")
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> "AppArgs":
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("set either num_replicas or autoscaling_config, not both")
+        return self
+
+    @property
+    def served_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model.startswith("builtin:"):
+            return self.model.split(":", 1)[1]
+        return os.path.basename(os.path.normpath(self.model))
+
+    def engine_args(self, device: str | None = None) -> EngineArgs:
+        """The engine's arguments; `device` overrides "auto" with what placement resolved."""
+        return EngineArgs(
+            model=self.model, tokenizer=self.tokenizer, tensor_parallel_size=self.tensor_parallel_size,
+            device=device or self.device, dtype=self.dtype, max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes, kv_layers_per_tensor=self.kv_layers_per_tensor,
+            attention_backend=self.attention_backend, placement_strategy=self.placement_strategy,
+            accelerator_type=self.accelerator_type, seed=self.seed)
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Serve options that were set (unset ones keep Serve's defaults)."""
+        names = ("num_replicas", "autoscaling_config", "max_ongoing_requests", "max_queued_requests",
+                 "health_check_period_s", "health_check_timeout_s")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}

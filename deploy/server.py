@@ -1,0 +1,434 @@
+"""The OpenAI-compatible HTTP layer over one `AsyncLLMEngine`.
+
+`OpenAIServer` turns requests into engine calls and engine outputs into OpenAI responses;
+`create_app` puts it behind FastAPI routes. The engine is injected (the Serve replica builds the
+real one; HTTP tests may pass another object with the same methods), so nothing here knows how
+the engine is made or placed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from deploy.errors import APIError, error_body, install_error_handlers
+from deploy.formatting import TokenText, chat_logprobs, completion_logprobs, sse, usage
+from deploy.metrics import RequestTimer, ServerMetrics
+from deploy.protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
+                             CompletionChoice, CompletionRequest, CompletionResponse, ModelCard,
+                             ModelList, new_id, now)
+from vattn_ray.outputs import RequestOutput
+from vattn_ray.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _EngineRequest:
+    """One engine request in flight (one prompt; its n sequences are choices base .. base+n-1)."""
+
+    request_id: str
+    prompt_len: int
+    choice_base: int
+    stream: AsyncIterator[RequestOutput]
+    timer: RequestTimer
+    last: RequestOutput | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.last is not None and self.last.finished
+
+
+class OpenAIServer:
+    """Completions and chat completions over one engine; see `create_app` for the routes."""
+
+    def __init__(self, engine, served_model_name: str, metrics: ServerMetrics | None = None) -> None:
+        self.engine = engine
+        self.model_name = served_model_name
+        self.max_model_len = int(engine.config.scheduler.max_model_len)
+        self.max_num_seqs = int(engine.config.scheduler.max_num_seqs)
+        self.tokenizer = engine.tokenizer
+        self.token_text = TokenText(engine.tokenizer)
+        self.metrics = metrics or ServerMetrics(served_model_name)
+        self.num_client_aborts = 0
+
+    # ---- validation -------------------------------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(f"The model {model!r} does not exist; this server serves {self.model_name!r} "
+                           "(see GET /v1/models)", status=404, param="model", code="model_not_found")
+
+    @staticmethod
+    def reject_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
+        """Say so instead of silently ignoring a field that would change the result."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(req, name):
+                raise APIError(f"{name} is not supported; omit it or set it to 0", param=name)
+        if req.logit_bias:
+            raise APIError("logit_bias is not supported; omit it", param="logit_bias")
+
+    def _check_ids(self, ids: list[int], param: str) -> list[int]:
+        if not ids:
+            raise APIError(f"{param} is empty; send at least one token", param=param)
+        return ids
+
+    def completion_prompts(self, prompt) -> list[list[int]]:
+        """The prompt(s) of a completion request as token ids (a list of strings is a batch)."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError("prompt is empty; send a string, a list of strings or token ids", param="prompt")
+        out = []
+        for p in prompt:
+            if isinstance(p, str):
+                if not p:
+                    raise APIError("prompt is an empty string; send at least one character", param="prompt")
+                out.append(list(self.tokenizer.encode(p)))
+            else:
+                out.append(self._check_ids(list(p), "prompt"))
+        return out
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        """The chat template applied to the messages, as token ids."""
+        if not req.messages:
+            raise APIError("messages is empty; send at least one message", param="messages")
+        messages = []
+        for i, m in enumerate(req.messages):
+            content = m.content
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    if part.get("type") != "text":
+                        raise APIError(f"messages[{i}].content has a {part.get('type')!r} part; only text "
+                                       "parts are supported", param=f"messages.{i}.content")
+                    parts.append(str(part.get("text", "")))
+                content = "\n".join(parts)
+            messages.append({"role": m.role, "content": content or ""})
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise APIError(f"model {self.model_name!r} has no chat template; use /v1/completions",
+                           param="messages")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=req.add_generation_prompt)
+        except Exception as exc:  # jinja raises for e.g. roles the template does not accept
+            raise APIError(f"the chat template rejected the messages: {exc}", param="messages") from exc
+        # The template writes the special tokens (BOS) itself; don't add them twice.
+        return self._check_ids(list(self.tokenizer.encode(text, add_special_tokens=False)), "messages")
+
+    def max_tokens(self, requested: int | None, prompt_len: int, param: str, prompt_param: str) -> int:
+        """`requested`, or the rest of the context when None; 400 when it does not fit."""
+        room = self.max_model_len - prompt_len
+        if room < 1:
+            raise APIError(f"This model's maximum context length is {self.max_model_len} tokens, and the "
+                           f"prompt has {prompt_len}; shorten the prompt",
+                           param=prompt_param,
+                           code="context_length_exceeded")
+        if requested is None:
+            return room
+        if isinstance(requested, int) and requested > room:
+            raise APIError(f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                           f"you requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+                           f"{requested} for the completion). Set {param} to at most {room} or shorten "
+                           "the prompt", param=param, code="context_length_exceeded")
+        return requested
+
+    def sampling_params(self, req, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        if isinstance(req.n, int) and req.n > self.max_num_seqs:
+            # The engine runs a request's n sequences side by side; more than its slots never fit.
+            raise APIError(f"n={req.n} exceeds this server's max_num_seqs={self.max_num_seqs}; lower n",
+                           param="n")
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, n=req.n,
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=-1 if req.top_k is None else req.top_k,
+                seed=req.seed, stop=req.stop or (), stop_token_ids=req.stop_token_ids or (),
+                ignore_eos=req.ignore_eos, logprobs=logprobs, min_tokens=req.min_tokens)
+        except ValueError as exc:
+            raise APIError.from_value_error(exc) from exc
+
+    # ---- driving the engine -----------------------------------------------------------------
+    async def start(self, prompts: list[list[int]], params: list[SamplingParams],
+                    request_id: str) -> list[_EngineRequest]:
+        """Admit every prompt; all or none (a refused one aborts the others)."""
+        reqs = []
+        for i, (ids, p) in enumerate(zip(prompts, params)):
+            rid = f"{request_id}-{i}"
+            reqs.append(_EngineRequest(rid, len(ids), i * p.n, self.engine.generate(ids, p, rid),
+                                       self.metrics.request(len(ids))))
+        # The first __anext__ admits the request (ValueError if it can't be) and waits for output.
+        firsts = await asyncio.gather(*(r.stream.__anext__() for r in reqs), return_exceptions=True)
+        errors = [f for f in firsts if isinstance(f, BaseException)]
+        if errors:
+            for r, f in zip(reqs, firsts):
+                if not isinstance(f, BaseException):
+                    r.last = f
+            await self.abort(reqs, client_gone=False)
+            if isinstance(errors[0], ValueError):
+                raise APIError.from_value_error(errors[0])
+            raise errors[0]
+        for r, first in zip(reqs, firsts):
+            self._observe(r, first)
+        return reqs
+
+    def _observe(self, r: _EngineRequest, out: RequestOutput) -> None:
+        r.last = out
+        r.timer.on_tokens(sum(len(o.delta_token_ids) for o in out.outputs))
+        if out.finished:
+            r.timer.on_finish([o.finish_reason for o in out.outputs])
+
+    async def outputs(self, reqs: list[_EngineRequest]) -> AsyncIterator[tuple[_EngineRequest, RequestOutput]]:
+        """Every output of every request as it comes (the first ones, already fetched, first)."""
+        for r in reqs:
+            yield r, r.last
+        live = [r for r in reqs if not r.finished]
+        if len(live) == 1:
+            r = live[0]
+            async for out in r.stream:
+                self._observe(r, out)
+                yield r, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(r: _EngineRequest) -> None:
+            try:
+                async for out in r.stream:
+                    queue.put_nowait((r, out))
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                queue.put_nowait((r, exc))
+            finally:
+                queue.put_nowait((r, None))
+
+        tasks = [asyncio.create_task(pump(r)) for r in live]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                r, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    self._observe(r, item)
+                    yield r, item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def abort(self, reqs: list[_EngineRequest], client_gone: bool = True) -> None:
+        """Abort every unfinished request so its KV slot is freed now, not at max_tokens."""
+        pending = [r for r in reqs if not r.finished]
+        if client_gone and pending:
+            self.num_client_aborts += 1
+            self.metrics.client_aborts.inc(1, tags=self.metrics.tags)
+            logger.info("client went away; aborting %s", [r.request_id for r in pending])
+        for r in pending:
+            await self.engine.abort(r.request_id)
+            try:
+                await r.stream.aclose()
+            except RuntimeError:  # still running inside a pump task that is being cancelled
+                pass
+
+    async def run_to_end(self, reqs: list[_EngineRequest]) -> None:
+        try:
+            async for _ in self.outputs(reqs):
+                pass
+        finally:
+            await self.abort(reqs)  # only unfinished ones: the client left (or we failed)
+
+    # ---- endpoints ----------------------------------------------------------------------------
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.max_model_len)])
+
+    async def completions(self, req: CompletionRequest):
+        self.check_model(req.model)
+        self.reject_unsupported(req)
+        if req.echo:
+            raise APIError("echo is not supported; omit it", param="echo")
+        if req.suffix:
+            raise APIError("suffix is not supported; omit it", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError("best_of is not supported; omit it (or set it equal to n)", param="best_of")
+        prompts = self.completion_prompts(req.prompt)
+        params = [self.sampling_params(req, self.max_tokens(req.max_tokens, len(p), "max_tokens", "prompt"), req.logprobs)
+                  for p in prompts]
+        rid = new_id("cmpl")
+        reqs = await self.start(prompts, params, rid)
+        if req.stream:
+            return _sse_response(self._completion_stream(req, reqs, rid))
+        await self.run_to_end(reqs)
+        choices = []
+        for r in reqs:
+            for o in r.last.outputs:
+                lp = None
+                if req.logprobs is not None and o.logprobs is not None:
+                    lp = completion_logprobs(self.token_text, o.token_ids, o.logprobs, req.logprobs)
+                choices.append(CompletionChoice(index=r.choice_base + o.index, text=o.text, logprobs=lp,
+                                                finish_reason=o.finish_reason))
+        return CompletionResponse(id=rid, created=now(), model=self.model_name,
+                                  choices=sorted(choices, key=lambda c: c.index), usage=self._usage(reqs))
+
+    async def _completion_stream(self, req: CompletionRequest, reqs, rid: str) -> AsyncIterator[str]:
+        created, offsets, done = now(), {}, set()
+        try:
+            async for r, out in self.outputs(reqs):
+                for o in out.outputs:
+                    index = r.choice_base + o.index
+                    if index in done or not (o.delta_text or o.delta_token_ids or o.finish_reason):
+                        continue
+                    lp = None
+                    if req.logprobs is not None and o.logprobs is not None:
+                        new = len(o.delta_token_ids)
+                        lp = completion_logprobs(self.token_text, o.delta_token_ids,
+                                                 o.logprobs[len(o.token_ids) - new:len(o.token_ids)],
+                                                 req.logprobs, offsets.get(index, 0))
+                        if lp.tokens:
+                            offsets[index] = lp.text_offset[-1] + len(lp.tokens[-1])
+                        lp = lp.model_dump()
+                    if o.finish_reason:
+                        done.add(index)
+                    yield sse({"id": rid, "object": "text_completion", "created": created,
+                               "model": self.model_name,
+                               "choices": [{"index": index, "text": o.delta_text, "logprobs": lp,
+                                            "finish_reason": o.finish_reason}]})
+            if req.stream_options and req.stream_options.include_usage:
+                yield sse({"id": rid, "object": "text_completion", "created": created,
+                           "model": self.model_name, "choices": [], "usage": self._usage(reqs).model_dump()})
+            yield sse("[DONE]")
+        except Exception as exc:  # noqa: BLE001 - the status is already sent: report in-band
+            yield _stream_error(exc)
+        finally:
+            await self.abort(reqs)
+
+    async def chat(self, req: ChatCompletionRequest):
+        self.check_model(req.model)
+        self.reject_unsupported(req)
+        if req.tools:
+            raise APIError("tools are not supported; omit them", param="tools")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise APIError("only response_format {\"type\": \"text\"} is supported", param="response_format")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        if k is not None and not 0 <= k <= 20:
+            raise APIError(f"top_logprobs must be in [0, 20], got {k}", param="top_logprobs")
+        ids = self.chat_prompt(req)
+        wanted, param = ((req.max_completion_tokens, "max_completion_tokens")
+                         if req.max_completion_tokens is not None else (req.max_tokens, "max_tokens"))
+        params = self.sampling_params(req, self.max_tokens(wanted, len(ids), param, "messages"), k)
+        rid = new_id("chatcmpl")
+        reqs = await self.start([ids], [params], rid)
+        if req.stream:
+            return _sse_response(self._chat_stream(req, reqs, rid, k))
+        await self.run_to_end(reqs)
+        choices = []
+        for o in reqs[0].last.outputs:
+            lp = chat_logprobs(self.token_text, o.token_ids, o.logprobs, k) if k is not None and o.logprobs is not None else None
+            choices.append(ChatChoice(index=o.index, message=AssistantMessage(content=o.text), logprobs=lp,
+                                      finish_reason=o.finish_reason))
+        return ChatCompletionResponse(id=rid, created=now(), model=self.model_name, choices=choices,
+                                      usage=self._usage(reqs))
+
+    async def _chat_stream(self, req: ChatCompletionRequest, reqs, rid: str, k: int | None) -> AsyncIterator[str]:
+        created, done = now(), set()
+
+        def chunk(choices: list[dict], **extra) -> str:
+            return sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                        "model": self.model_name, "choices": choices, **extra})
+
+        try:
+            # OpenAI opens every choice with the assistant role and empty content.
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for i in range(req.n)])
+            async for _, out in self.outputs(reqs):
+                for o in out.outputs:
+                    if o.index in done or not (o.delta_text or o.delta_token_ids or o.finish_reason):
+                        continue
+                    lp = None
+                    if k is not None and o.logprobs is not None:
+                        new = len(o.delta_token_ids)
+                        lp = chat_logprobs(self.token_text, o.delta_token_ids,
+                                           o.logprobs[len(o.token_ids) - new:len(o.token_ids)], k).model_dump()
+                    delta = {"content": o.delta_text} if o.delta_text or not o.finish_reason else {}
+                    if o.finish_reason:
+                        done.add(o.index)
+                    yield chunk([{"index": o.index, "delta": delta, "logprobs": lp,
+                                  "finish_reason": o.finish_reason}])
+            if req.stream_options and req.stream_options.include_usage:
+                yield chunk([], usage=self._usage(reqs).model_dump())
+            yield sse("[DONE]")
+        except Exception as exc:  # noqa: BLE001 - the status is already sent: report in-band
+            yield _stream_error(exc)
+        finally:
+            await self.abort(reqs)
+
+    @staticmethod
+    def _usage(reqs: list[_EngineRequest]):
+        prompt = sum(r.prompt_len for r in reqs)
+        completion = sum(len(o.token_ids) for r in reqs for o in r.last.outputs)
+        return usage(prompt, completion)
+
+    # ---- operations ---------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Engine statistics plus this server's own counters (a vattn-ray extension)."""
+        out = dict(self.engine.stats())
+        out["num_client_aborts"] = self.num_client_aborts
+        return jsonable_encoder(out)
+
+    def record_engine_stats(self) -> None:
+        self.metrics.record_engine_stats(self.engine.stats())
+
+
+def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    # no-transform / no buffering so proxies pass each token through at once
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _stream_error(exc: Exception) -> str:
+    if not isinstance(exc, APIError):
+        logger.exception("stream failed", exc_info=exc)
+        exc = APIError(f"generation failed: {exc}", status=500, type="server_error")
+    return sse(error_body(exc)) + sse("[DONE]")
+
+
+def create_app(server: OpenAIServer) -> FastAPI:
+    """FastAPI routes over `server`; every error is an OpenAI error body."""
+    app = FastAPI(title="vattn-ray", summary="OpenAI-compatible LLM server")
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        try:
+            server.engine.check_health()
+        except Exception as exc:  # noqa: BLE001 - any failure means "not healthy"
+            return JSONResponse({"status": "unhealthy", "error": str(exc)}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return server.models()
+
+    @app.get("/stats")
+    async def stats() -> dict:
+        return server.stats()
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        return await server.completions(req)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest):
+        return await server.chat(req)
+
+    return app
