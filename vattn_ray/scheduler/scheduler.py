@@ -1,0 +1,498 @@
+"""The head scheduler: continuous batching over KV slots, one `StepPlan` per step.
+
+Hot path: `schedule()` and `update()` run once per model step for every running request; keep the
+per-request work O(1) (no scans of the queues inside per-request loops).
+
+Protocol: `schedule()` -> the engine runs the plan on every shard -> `update(plan, output)`, strictly
+alternating. Request progress (`num_computed`, output tokens) is committed only in `update()` and
+only for an executed step, so a step that did not run needs no undo of request state.
+
+KV accounting and failures (see `update` and `_recover`):
+- `SlotTable.mapped` is what every shard will hold once all emitted ops are applied.
+- Prefetch ops are hints: a shard may not have applied them yet (or failed to). Every slot whose
+  shard state is not known to equal the table is *re-asserted*: the next plan's `kv_now` carries
+  `KVOp(slot, mapped)` again. Ops are idempotent, so a healthy shard does nothing, and a shard that
+  missed a prefetch maps the groups before the step computes, or reports a `kv_now` failure.
+- A step whose `kv_now` failed on some shard (`executed=False`) ran nowhere: no tokens, no progress.
+  Every slot that plan touched is re-asserted next step; each failed slot is forced to 0 groups and
+  its owner preempted (recomputed later, generated tokens kept); the capacity estimate drops below
+  the total that could not be mapped. Capacity thus strictly decreases on repeated failures, so the
+  scheduler converges to what the shards really hold instead of failing forever.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from vattn_ray.config import SchedulerConfig
+from vattn_ray.layout import KVLayout
+from vattn_ray.sampling_params import SamplingParams
+from vattn_ray.scheduler.plan import KVOp, NewRequest, SeqChunk, StepOutput, StepPlan
+from vattn_ray.scheduler.request import Request, RequestRejected, RequestStatus, RequestUpdate
+from vattn_ray.scheduler.slots import SlotTable
+
+logger = logging.getLogger(__name__)
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+# How a request that needs more page groups may get them.
+_NO_PREEMPT = 0  # free and idle groups only (admitting a waiting request)
+_PREEMPT_OTHERS = 1  # may preempt newer running requests not scheduled in this step
+_PREEMPT_ANY = 2  # as above, and itself when it is the newest (then it is not scheduled)
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    num_groups_mapped: int
+    num_groups_free: int
+    num_groups_idle: int  # mapped to slots without a request (deferred reclamation)
+    capacity_groups: int
+    num_steps: int
+    num_kv_failures: int
+
+
+class _Step:
+    """Scratch state while one plan is built."""
+
+    __slots__ = ("step", "budget", "touched", "seqs", "new_requests")
+
+    def __init__(self, step: int, budget: int) -> None:
+        self.step = step  # requests scheduled in it carry `scheduled_step == step`
+        self.budget = budget
+        self.touched: dict[int, int] = {}  # slot -> groups on the shards before this plan (upper bound)
+        self.seqs: list[tuple[Request, SeqChunk]] = []
+        self.new_requests: list[NewRequest] = []
+
+
+class Scheduler:
+    """Continuous-batching head scheduler with vAttention slot and page-group accounting."""
+
+    def __init__(self, config: SchedulerConfig, layout: KVLayout, capacity_groups: int | Sequence[int]) -> None:
+        """`capacity_groups`: page groups each shard's pool holds (an int, or one per shard)."""
+        caps = [capacity_groups] if isinstance(capacity_groups, int) else list(capacity_groups)
+        if not caps or any(not isinstance(c, int) or c < 0 for c in caps):
+            raise ValueError(f"capacity_groups must be a non-negative int or a non-empty list of them, "
+                             f"got {capacity_groups!r}")
+        if config.max_num_seqs < 1 or config.max_num_batched_tokens < 1 or config.max_model_len < 1:
+            raise ValueError(f"max_num_seqs, max_num_batched_tokens and max_model_len must be >= 1: {config}")
+        if layout.max_slots < config.max_num_seqs:
+            raise ValueError(f"the KV layout has {layout.max_slots} slots but max_num_seqs="
+                             f"{config.max_num_seqs}; build the layout with max_slots >= max_num_seqs")
+        if layout.max_tokens_per_slot < config.max_model_len:
+            raise ValueError(f"a KV slot holds {layout.max_tokens_per_slot} tokens < max_model_len="
+                             f"{config.max_model_len}; build the layout with the same max_model_len")
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < config.max_model_len:
+            # A preempted request re-prefills prompt + generated tokens in one step.
+            raise ValueError(f"without chunked prefill max_num_batched_tokens ({config.max_num_batched_tokens}) "
+                             f"must be >= max_model_len ({config.max_model_len})")
+        self.config = config
+        self.layout = layout
+        self._slots = SlotTable(config.max_num_seqs, min(caps))
+        self._tb = layout.token_bytes
+        self._pb = layout.page_bytes
+        self._requests: dict[str, Request] = {}  # every unfinished request
+        self._waiting: deque[Request] = deque()
+        self._running: dict[str, Request] = {}  # in admission order: the last is preempted first
+        self._to_release: list[str] = []  # finished ids to announce in the next plan
+        self._releasing: set[str] = set()  # ... and those announced in the plan in flight
+        self._reassert: dict[int, int] = {}  # slot -> most groups its shards may hold
+        self._in_flight: StepPlan | None = None
+        self._in_flight_upper: dict[int, int] = {}
+        self._step = 0
+        self._seq = 0
+        self._num_preemptions = 0
+        self._num_kv_failures = 0
+
+    # ---------------------------------------------------------------- requests in and out
+
+    def add_request(self, req_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
+                    eos_token_ids: Collection[int] = ()) -> None:
+        """Queue a request; raises `RequestRejected` if it can never be served."""
+        if req_id in self._requests or req_id in self._releasing:
+            raise RequestRejected(f"request id {req_id!r} is already in use; give every request a unique id")
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise RequestRejected("the prompt is empty; send at least one token")
+        limit = self.config.max_model_len
+        if n + params.max_tokens > limit:
+            raise RequestRejected(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} exceeds "
+                f"max_model_len={limit}; shorten the prompt or lower max_tokens")
+        req = Request(req_id, prompt_token_ids, params, eos_token_ids, self._seq)
+        need = self._groups(req.max_kv_tokens)
+        if need > self._slots.capacity:
+            raise RequestRejected(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) needs {need} KV page groups but the "
+                f"KV cache holds {self._slots.capacity}; shorten the prompt, lower max_tokens or give the "
+                f"KV cache more memory")
+        self._seq += 1
+        self._requests[req_id] = req
+        self._waiting.append(req)
+
+    def abort(self, req_id: str) -> bool:
+        """Drop a waiting or running request; False if it is unknown or already finished.
+
+        Its slot keeps its page groups (reused by the next request or reclaimed when dry).
+        """
+        req = self._requests.get(req_id)
+        if req is None:
+            return False
+        self._finish(req)
+        logger.debug("aborted request %s", req_id)
+        return True
+
+    def finish(self, req_id: str, reason: str = "stop") -> None:
+        """The engine ended a request itself (e.g. it found a stop string); unknown ids are ignored."""
+        if reason not in FINISH_REASONS:
+            raise ValueError(f"reason must be one of {FINISH_REASONS}, got {reason!r}")
+        req = self._requests.get(req_id)
+        if req is not None:
+            self._finish(req)
+            logger.debug("request %s finished by the engine (%s)", req_id, reason)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    # ---------------------------------------------------------------- planning
+
+    def schedule(self) -> StepPlan:
+        """Plan the next step: decodes first, then running prefills, then waiting requests (FCFS)."""
+        if self._in_flight is not None:
+            raise RuntimeError(f"step {self._in_flight.step} is still in flight; call update() before "
+                               "scheduling the next step")
+        cfg = self.config
+        slots = self._slots
+        st = _Step(self._step, cfg.max_num_batched_tokens)
+        st.touched.update(self._reassert)
+        running = list(self._running.values())
+        self._schedule_decodes(st, running)
+        self._schedule_running_prefills(st, running)
+        self._schedule_waiting(st)
+
+        touched = st.touched
+        now = [KVOp(s, slots.mapped[s]) for s, before in touched.items()
+               if slots.mapped[s] != before or s in self._reassert]
+        # Shrinks before grows, so every shard returns pages to its pool before it takes new ones.
+        now.sort(key=lambda op: op.num_groups >= touched[op.slot])
+        upper = {s: max(before, slots.mapped[s]) for s, before in touched.items()}
+        prefetch = self._plan_prefetch(st, upper)
+        plan = StepPlan(step=self._step, kv_now=tuple(now), kv_prefetch=tuple(prefetch),
+                        seqs=tuple(chunk for _, chunk in st.seqs), new_requests=tuple(st.new_requests),
+                        finished=tuple(self._to_release))
+        self._to_release = []
+        self._in_flight = plan
+        self._in_flight_upper = upper
+        self._step += 1
+        return plan
+
+    def _schedule_decodes(self, st: _Step, running: list[Request]) -> None:
+        # The common case of every step: kept inline (no helper calls unless a group is needed).
+        tb, pb, mapped = self._tb, self._pb, self._slots.mapped
+        seqs, step, RUNNING = st.seqs, st.step, RequestStatus.RUNNING
+        budget = st.budget
+        for req in running:
+            if budget <= 0:
+                break
+            end = req.num_tokens
+            if req.num_computed != end - 1 or req.status is not RUNNING:
+                continue
+            if -(-end * tb // pb) > mapped[req.slot] and not self._reserve(st, req, end, _PREEMPT_ANY):
+                continue
+            out = req.output_token_ids
+            last = out[-1] if out else req.prompt_token_ids[-1]  # or a prefill's last single token
+            seqs.append((req, SeqChunk(req.req_id, req.slot, end - 1, (last,), True, len(out))))
+            req.scheduled_step = step
+            budget -= 1
+        st.budget = budget
+
+    def _schedule_running_prefills(self, st: _Step, running: list[Request]) -> None:
+        chunked = self.config.enable_chunked_prefill
+        for req in running:
+            if st.budget <= 0:
+                return
+            if req.status is not RequestStatus.RUNNING or req.scheduled_step == st.step:
+                continue
+            n = req.num_tokens - req.num_computed
+            if n > st.budget:
+                if not chunked:
+                    continue
+                n = st.budget
+            if self._reserve(st, req, req.num_computed + n, _PREEMPT_OTHERS):
+                self._add_chunk(st, req, req.num_computed, req.num_computed + n)
+
+    def _schedule_waiting(self, st: _Step) -> None:
+        slots = self._slots
+        while self._waiting and st.budget > 0 and slots.has_unowned():
+            req = self._waiting[0]
+            n = req.num_tokens
+            if n > st.budget:
+                if not self.config.enable_chunked_prefill:
+                    return  # FCFS: the head waits for a step with room for its whole prompt
+                n = st.budget
+            slot = slots.best_fit(self._groups(req.num_tokens))
+            extra = self._groups(n) - slots.mapped[slot]
+            if extra > slots.free_groups + slots.idle_groups - slots.mapped[slot]:
+                return  # no preemption for admissions: running requests finish and free pages
+            self._waiting.popleft()
+            slots.assign(slot, req.req_id)
+            req.slot = slot
+            req.status = RequestStatus.RUNNING
+            self._running[req.req_id] = req
+            reserved = self._reserve(st, req, n, _NO_PREEMPT)
+            assert reserved, "admission check and reservation disagree"
+            self._add_chunk(st, req, 0, n)
+
+    def _reserve(self, st: _Step, req: Request, num_tokens: int, mode: int) -> bool:
+        """Back tokens [0, num_tokens) of `req`'s slot, reclaiming idle slots and preempting per `mode`.
+
+        False if it cannot (then `req` is not scheduled this step; with _PREEMPT_ANY it may have
+        been preempted itself).
+        """
+        slots = self._slots
+        need = self._groups(num_tokens)
+        extra = need - slots.mapped[req.slot]
+        if extra <= 0:
+            return True
+        while slots.free_groups < extra:
+            idle = slots.largest_idle()
+            if idle is not None:
+                self._set_groups(st, idle, 0)
+                continue
+            if mode == _NO_PREEMPT:
+                return False
+            victim = self._victim(st, req, mode)
+            if victim is None:
+                return False
+            self._preempt(victim, st)
+            if victim is req:
+                return False
+        self._set_groups(st, req.slot, need)
+        return True
+
+    def _victim(self, st: _Step, req: Request, mode: int) -> Request | None:
+        """The newest running request admitted after `req` and not scheduled yet; else `req`
+        itself under _PREEMPT_ANY. Older requests are never preempted for a newer one."""
+        for other in reversed(self._running.values()):
+            if other is req:
+                return req if mode == _PREEMPT_ANY else None
+            if other.scheduled_step != st.step:
+                return other
+        return None
+
+    def _add_chunk(self, st: _Step, req: Request, start: int, end: int) -> None:
+        chunk = SeqChunk(req.req_id, req.slot, start, req.tokens(start, end), end == req.num_tokens,
+                         len(req.output_token_ids))
+        st.seqs.append((req, chunk))
+        st.budget -= end - start
+        req.scheduled_step = st.step
+        if not req.sent:
+            st.new_requests.append(NewRequest(req.req_id, req.params))
+            req.sent = True
+
+    def _plan_prefetch(self, st: _Step, upper: dict[int, int]) -> list[KVOp]:
+        """Grow slots for the next step from free groups only (never reclaiming or preempting)."""
+        slots = self._slots
+        ops: list[KVOp] = []
+        if slots.free_groups <= 0:
+            return ops
+        tb, pb, mapped = self._tb, self._pb, slots.mapped
+        for req, chunk in st.seqs:
+            n = len(chunk.token_ids)
+            if chunk.sample:
+                nxt = chunk.start + n + 1  # next step decodes the token sampled now
+                if nxt > req.max_kv_tokens:
+                    continue  # it finishes by length with this token
+            else:
+                nxt = min(req.num_tokens, chunk.start + 2 * n)
+            need = -(-nxt * tb // pb)
+            extra = need - mapped[chunk.slot]
+            if 0 < extra <= slots.capacity - slots.total_mapped:
+                slots.set_groups(chunk.slot, need)
+                upper[chunk.slot] = max(upper.get(chunk.slot, 0), need)
+                ops.append(KVOp(chunk.slot, need))
+        return ops
+
+    # ---------------------------------------------------------------- results
+
+    def update(self, plan: StepPlan, output: StepOutput) -> list[RequestUpdate]:
+        """Apply the result of `plan`: append sampled tokens, finish requests, handle KV failures."""
+        if plan is not self._in_flight:
+            raise ValueError("update() takes the plan returned by the latest schedule()")
+        if output.step != plan.step:
+            raise ValueError(f"output of step {output.step} does not answer plan {plan.step}")
+        self._in_flight = None
+        if output.kv_failures:
+            self._num_kv_failures += len(output.kv_failures)
+            logger.warning("step %d: %d KV op(s) failed (executed=%s), first: %s", plan.step,
+                           len(output.kv_failures), output.executed, output.kv_failures[0])
+        if not output.executed:
+            return self._recover(plan, output)
+        # Executed: every kv_now op holds on every shard (failures here are of prefetch ops, whose
+        # slots stay re-asserted until a kv_now confirms them).
+        self._releasing.difference_update(plan.finished)
+        for op in plan.kv_now:
+            self._reassert.pop(op.slot, None)
+        for op in plan.kv_prefetch:
+            self._reassert[op.slot] = max(self._reassert.get(op.slot, 0), op.num_groups)
+        sampled = {t.req_id: t for t in output.sampled}
+        max_model_len = self.config.max_model_len
+        updates: list[RequestUpdate] = []
+        for chunk in plan.seqs:
+            req = self._requests.get(chunk.req_id)
+            if req is None or req.slot != chunk.slot:
+                continue  # aborted or finished by the engine while the step ran
+            assert req.num_computed == chunk.start, f"{req.req_id}: chunk does not continue its KV"
+            req.num_computed = chunk.end
+            if not chunk.sample:
+                continue
+            tok = sampled.get(req.req_id)
+            if tok is None:
+                raise RuntimeError(f"step {plan.step}: no sampled token for request {req.req_id}")
+            req.append_output(tok.token_id)
+            stop = req.stop_after(tok.token_id, max_model_len)
+            if stop is None:
+                updates.append(RequestUpdate(req.req_id, [tok.token_id], [tok], False))
+            else:
+                self._finish(req)
+                updates.append(RequestUpdate(req.req_id, [tok.token_id], [tok], True, stop[0], stop[1]))
+        return updates
+
+    def _recover(self, plan: StepPlan, output: StepOutput) -> list[RequestUpdate]:
+        """A `kv_now` op failed on some shard, so no shard ran `plan`; make the next plan safe."""
+        # What the plan announced may not have reached the workers: announce it again (workers
+        # treat a repeated NewRequest or release as a no-op).
+        self._to_release[:0] = plan.finished
+        for new in plan.new_requests:
+            req = self._requests.get(new.req_id)
+            if req is not None:
+                req.sent = False
+        # Shards may hold anything up to the larger of before/after for every slot the plan touched.
+        for slot, upper in self._in_flight_upper.items():
+            self._reassert[slot] = max(self._reassert.get(slot, 0), upper)
+        failed = {f.slot for f in output.kv_failures}
+        if not failed:
+            return []
+        total_planned = self._slots.total_mapped
+        # The failed slots' contents are unknown: recompute their requests from scratch (newest
+        # first, so FCFS order survives at the head of the waiting queue).
+        for req in reversed(list(self._running.values())):
+            if req.slot in failed:
+                self._preempt(req, None)
+        for slot in failed:
+            if 0 <= slot < self._slots.num_slots:
+                self._set_groups(None, slot, 0)
+        return self._shrink_capacity(max(0, min(self._slots.capacity, total_planned - 1)))
+
+    def set_capacity(self, capacity_groups: int | Sequence[int]) -> list[RequestUpdate]:
+        """Re-sync the pool size (e.g. after memory was lent to or returned by another user).
+
+        Shrinking reclaims idle slots, then preempts; requests that can no longer fit even alone
+        are aborted and returned as finished updates. Call between update() and schedule().
+        """
+        if self._in_flight is not None:
+            raise RuntimeError("set_capacity() while a step is in flight")
+        caps = [capacity_groups] if isinstance(capacity_groups, int) else list(capacity_groups)
+        return self._shrink_capacity(min(caps))
+
+    def _shrink_capacity(self, capacity: int) -> list[RequestUpdate]:
+        slots = self._slots
+        if capacity != slots.capacity:
+            logger.warning("KV capacity estimate %d -> %d page groups", slots.capacity, capacity)
+        slots.capacity = capacity
+        while slots.total_mapped > capacity:
+            idle = slots.largest_idle()
+            if idle is not None:
+                self._set_groups(None, idle, 0)
+            else:
+                self._preempt(next(reversed(self._running.values())), None)
+        updates = []
+        for req in [r for r in self._requests.values() if self._groups(r.max_kv_tokens) > capacity]:
+            logger.error("aborting request %s: it needs %d KV page groups, the shards now hold %d",
+                         req.req_id, self._groups(req.max_kv_tokens), capacity)
+            self._finish(req)
+            updates.append(RequestUpdate(req.req_id, [], [], True, "abort"))
+        return updates
+
+    # ---------------------------------------------------------------- state changes
+
+    def _groups(self, num_tokens: int) -> int:
+        return -(-num_tokens * self._tb // self._pb) if num_tokens > 0 else 0
+
+    def _set_groups(self, st: _Step | None, slot: int, num_groups: int) -> None:
+        """Change a slot's accounted groups; outside a step (st None) the next plan re-asserts it."""
+        if st is not None:
+            st.touched.setdefault(slot, self._slots.mapped[slot])
+        else:
+            self._reassert[slot] = max(self._reassert.get(slot, 0), self._slots.mapped[slot])
+        self._slots.set_groups(slot, num_groups)
+
+    def _preempt(self, req: Request, st: _Step | None) -> None:
+        """Recompute later: free the slot's pages, keep generated tokens, back to the queue head."""
+        slot = req.slot
+        del self._running[req.req_id]
+        self._slots.release(slot)
+        self._set_groups(st, slot, 0)
+        req.slot = None
+        req.num_computed = 0
+        req.status = RequestStatus.WAITING
+        self._waiting.appendleft(req)
+        self._num_preemptions += 1
+        logger.info("preempted request %s (slot %d, %d tokens to recompute) to free KV page groups",
+                    req.req_id, slot, req.num_tokens)
+
+    def _finish(self, req: Request) -> None:
+        del self._requests[req.req_id]
+        if req.status is RequestStatus.RUNNING:
+            del self._running[req.req_id]
+            self._slots.release(req.slot)  # deferred reclamation: the slot keeps its pages
+            req.slot = None
+        else:
+            self._waiting.remove(req)
+        req.status = RequestStatus.FINISHED
+        if req.sent:
+            self._to_release.append(req.req_id)
+            self._releasing.add(req.req_id)
+
+    # ---------------------------------------------------------------- introspection
+
+    def slot_groups(self) -> dict[int, int]:
+        """Page groups backing every slot once all emitted ops are applied (0 for empty slots)."""
+        return dict(enumerate(self._slots.mapped))
+
+    @property
+    def stats(self) -> SchedulerStats:
+        s = self._slots
+        return SchedulerStats(len(self._running), len(self._waiting), self._num_preemptions, s.total_mapped,
+                              s.free_groups, s.idle_groups, s.capacity, self._step, self._num_kv_failures)
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError if queues, slot table and page accounting disagree."""
+        slots = self._slots
+        slots.check_integrity()
+        waiting_ids = [r.req_id for r in self._waiting]
+        assert len(set(waiting_ids)) == len(waiting_ids), "a request is queued twice"
+        assert not set(waiting_ids) & self._running.keys(), "a request is both waiting and running"
+        assert set(waiting_ids) | self._running.keys() == self._requests.keys(), (
+            "waiting + running do not match the unfinished requests")
+        assert slots.num_owned == len(self._running), "slot owners do not match the running requests"
+        assert not self._releasing & self._requests.keys(), "a live request is being released"
+        assert set(self._to_release) <= self._releasing
+        for req in self._waiting:
+            assert req.status is RequestStatus.WAITING and req.slot is None and req.num_computed == 0, (
+                f"waiting request {req.req_id} holds a slot or computed tokens")
+        for rid, req in self._running.items():
+            assert req.status is RequestStatus.RUNNING and req.slot is not None, f"{rid} runs without a slot"
+            assert slots.owner[req.slot] == rid, f"slot {req.slot} is not owned by its request {rid}"
+            assert 0 <= req.num_computed < req.num_tokens, f"{rid}: computed {req.num_computed} of {req.num_tokens}"
+            assert slots.mapped[req.slot] >= self._groups(req.num_computed), (
+                f"{rid}: {req.num_computed} computed tokens but slot {req.slot} has {slots.mapped[req.slot]} groups")
+        for rid, req in self._requests.items():
+            assert len(req.output_token_ids) < req.params.max_tokens, f"{rid} should have finished"
+            assert self._groups(req.max_kv_tokens) <= slots.capacity, f"{rid} can never fit"
+            assert req.sent or req.num_computed == 0, f"{rid} computed tokens before workers knew it"
