@@ -14,7 +14,9 @@ from importlib import resources
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
-SPECIAL_TOKENS = (BOS, EOS, PAD, "<|system|>", "<|user|>", "<|assistant|>")  # ids 0..5
+# ids 0..6. "<|endoftext|>" is there because transformers loads any qwen2 checkpoint's tokenizer as
+# Qwen2Tokenizer, which adds that token when missing, past the model's vocabulary.
+SPECIAL_TOKENS = (BOS, EOS, PAD, "<|system|>", "<|user|>", "<|assistant|>", "<|endoftext|>")
 BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
 # Merges learned from the corpus; the corpus is small, so training stops well before this cap.
 MAX_TRAINED_VOCAB = 4096
@@ -57,7 +59,7 @@ def _pad_vocab(tok: Tokenizer, vocab_size: int) -> Tokenizer:
     spec = json.loads(tok.to_str())
     vocab: dict[str, int] = spec["model"]["vocab"]
     for i in range(len(SPECIAL_TOKENS)):  # the trainer puts specials first; ids are part of the API
-        assert vocab[SPECIAL_TOKENS[i]] == i, "special tokens must hold ids 0..5"
+        assert vocab[SPECIAL_TOKENS[i]] == i, "special tokens must hold the first ids"
     # Printable ASCII is its own byte-level symbol, so these names decode to themselves.
     next_id, n = len(vocab), 0
     while next_id < vocab_size:
