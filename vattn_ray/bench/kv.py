@@ -229,9 +229,17 @@ def render(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     if args.device == "cpu":
         # One core plays the GPU; the others stay free for the prefetch thread, as on a GPU host.
         torch.set_num_threads(1)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
     compute = Compute(args.device, args.step_ms)
     result = {"device_name": device_name(args.device),
               "config": {k: v for k, v in vars(args).items() if k != "out"},
