@@ -8,11 +8,11 @@ see it flattened to `[max_slots * max_tokens, H_kv, D]`, which is a view, never 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from vattn_ray.attention.metadata import AttentionMetadata
+from vattn_ray.attention.metadata import AttentionMetadata, ChunkLike, build_metadata
 
 
 def flat_view(cache: torch.Tensor) -> torch.Tensor:
@@ -33,6 +33,11 @@ class AttentionBackend(ABC):
     """One attention implementation. `prepare` runs once per step, `forward` once per layer."""
 
     name: str = ""
+
+    def build_metadata(self, seqs: Sequence[ChunkLike], max_tokens_per_slot: int,
+                       device: torch.device | str) -> AttentionMetadata:
+        """The step's metadata (same for every backend; see `metadata.build_metadata`)."""
+        return build_metadata(seqs, max_tokens_per_slot, device)
 
     def prepare(self, meta: AttentionMetadata) -> Any:
         """Per-step tensors derived from `meta` (shared by all layers); default: nothing."""
