@@ -24,6 +24,7 @@ from deploy.metrics import RequestTimer, ServerMetrics
 from deploy.protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
                              CompletionChoice, CompletionRequest, CompletionResponse, ModelCard,
                              ModelList, new_id, now)
+from vattn_ray.async_engine import EngineDeadError
 from vattn_ray.outputs import RequestOutput
 from vattn_ray.sampling_params import SamplingParams
 
@@ -176,6 +177,10 @@ class OpenAIServer:
             await self.abort(reqs, client_gone=False)
             if isinstance(errors[0], ValueError):
                 raise APIError.from_value_error(errors[0])
+            if isinstance(errors[0], EngineDeadError):
+                # 503: the replica is unhealthy; Serve's health check will replace it.
+                raise APIError(str(errors[0]), status=503, type="server_error",
+                               code="engine_unavailable") from errors[0]
             raise errors[0]
         for r, first in zip(reqs, firsts):
             self._observe(r, first)

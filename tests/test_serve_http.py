@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from deploy.protocol import ChatCompletionRequest, CompletionRequest
 from deploy.server import OpenAIServer, create_app
+from vattn_ray.async_engine import EngineDeadError
 from vattn_ray.outputs import CompletionOutput, RequestOutput
 
 MODEL = "tiny-test"
@@ -59,6 +60,8 @@ class AlphabetEngine:
         return self.tokenizer.convert_tokens_to_ids(chr(ord("a") + (step + index) % 26))
 
     async def generate(self, prompt, params, request_id):
+        if not self.healthy:
+            raise EngineDeadError("engine loop stopped: worker died")
         ids = list(prompt)
         if self.tokenizer.decode(ids, skip_special_tokens=True).startswith(chr(REFUSED_TOKEN)):
             raise ValueError("prompt starts with '~', which this engine refuses; remove it")
@@ -348,6 +351,13 @@ def test_official_client_raises_bad_request_with_the_message(oai):
         oai.completions.create(model=MODEL, prompt="x", top_p=2.0)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         oai.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+
+
+def test_a_dead_engine_is_503_not_a_bad_request(client, engine):
+    engine.healthy = False
+    r = client.post("/v1/completions", json={"prompt": "x"})
+    assert r.status_code == 503
+    assert r.json()["error"]["type"] == "server_error" and "worker died" in r.json()["error"]["message"]
 
 
 def test_unknown_route_is_an_openai_404(client):
