@@ -193,6 +193,24 @@ def test_token_budget_and_reference_outputs():
     assert sorted(released) == sorted(r[0] for r in reqs)
 
 
+def test_one_token_prompts_are_announced_again_after_a_failed_step():
+    # After a step that did not run, a one-token prompt is running with one token left: it takes
+    # the decode path, which must still send its NewRequest (workers never saw the failed plan).
+    h = Harness(make_scheduler(capacity=64))
+    reqs = [(f"r{i}", [i + 1], params(max_tokens=3)) for i in range(3)]
+    for r in reqs:
+        h.add(*r)
+    h.worker.fail_next_grow = True
+    h.expect_in_sync = False
+    plan = h.sched.schedule()
+    output = h.worker.step(plan)
+    assert not output.executed and h.sched.update(plan, output) == []
+    retry = h.step()  # the fake worker refuses chunks of requests it was never told about
+    assert retry.seqs and {n.req_id for n in retry.new_requests} == {c.req_id for c in retry.seqs}
+    h.run()
+    assert_matches_reference(h, reqs)
+
+
 def test_chunked_prefill_splits_a_long_prompt():
     h = Harness(make_scheduler(budget=16, max_model_len=64))
     h.add("long", prompt(50), params(max_tokens=3))

@@ -208,6 +208,9 @@ class Scheduler:
             last = out[-1] if out else req.prompt_token_ids[-1]  # or a prefill's last single token
             seqs.append((req, SeqChunk(req.req_id, req.slot, end - 1, (last,), True, len(out))))
             req.scheduled_step = step
+            if not req.sent:  # a one-token prompt, or a retry after a step that did not run
+                st.new_requests.append(NewRequest(req.req_id, req.params))
+                req.sent = True
             budget -= 1
         st.budget = budget
 
