@@ -192,7 +192,8 @@ class OpenAIServer:
         if out.finished:
             r.timer.on_finish([o.finish_reason for o in out.outputs])
 
-    async def outputs(self, reqs: list[_EngineRequest]) -> AsyncIterator[tuple[_EngineRequest, RequestOutput]]:
+    async def outputs(self, reqs: list[_EngineRequest]
+                      ) -> AsyncIterator[tuple[_EngineRequest, RequestOutput]]:
         """Every output of every request as it comes (the first ones, already fetched, first)."""
         for r in reqs:
             yield r, r.last
@@ -265,8 +266,8 @@ class OpenAIServer:
         if req.best_of is not None and req.best_of != req.n:
             raise APIError("best_of is not supported; omit it (or set it equal to n)", param="best_of")
         prompts = self.completion_prompts(req.prompt)
-        params = [self.sampling_params(req, self.max_tokens(req.max_tokens, len(p), "max_tokens", "prompt"), req.logprobs)
-                  for p in prompts]
+        params = [self.sampling_params(req, self.max_tokens(req.max_tokens, len(p), "max_tokens", "prompt"),
+                                       req.logprobs) for p in prompts]
         rid = new_id("cmpl")
         reqs = await self.start(prompts, params, rid)
         if req.stream:
@@ -293,9 +294,7 @@ class OpenAIServer:
                         continue
                     lp = None
                     if req.logprobs is not None and o.logprobs is not None:
-                        new = len(o.delta_token_ids)
-                        lp = completion_logprobs(self.token_text, o.delta_token_ids,
-                                                 o.logprobs[len(o.token_ids) - new:len(o.token_ids)],
+                        lp = completion_logprobs(self.token_text, o.delta_token_ids, _new_logprobs(o),
                                                  req.logprobs, offsets.get(index, 0))
                         if lp.tokens:
                             offsets[index] = lp.text_offset[-1] + len(lp.tokens[-1])
@@ -338,13 +337,16 @@ class OpenAIServer:
         await self.run_to_end(reqs)
         choices = []
         for o in reqs[0].last.outputs:
-            lp = chat_logprobs(self.token_text, o.token_ids, o.logprobs, k) if k is not None and o.logprobs is not None else None
+            lp = None
+            if k is not None and o.logprobs is not None:
+                lp = chat_logprobs(self.token_text, o.token_ids, o.logprobs, k)
             choices.append(ChatChoice(index=o.index, message=AssistantMessage(content=o.text), logprobs=lp,
                                       finish_reason=o.finish_reason))
         return ChatCompletionResponse(id=rid, created=now(), model=self.model_name, choices=choices,
                                       usage=self._usage(reqs))
 
-    async def _chat_stream(self, req: ChatCompletionRequest, reqs, rid: str, k: int | None) -> AsyncIterator[str]:
+    async def _chat_stream(self, req: ChatCompletionRequest, reqs, rid: str,
+                           k: int | None) -> AsyncIterator[str]:
         created, done = now(), set()
 
         def chunk(choices: list[dict], **extra) -> str:
@@ -361,9 +363,7 @@ class OpenAIServer:
                         continue
                     lp = None
                     if k is not None and o.logprobs is not None:
-                        new = len(o.delta_token_ids)
-                        lp = chat_logprobs(self.token_text, o.delta_token_ids,
-                                           o.logprobs[len(o.token_ids) - new:len(o.token_ids)], k).model_dump()
+                        lp = chat_logprobs(self.token_text, o.delta_token_ids, _new_logprobs(o), k).model_dump()
                     delta = {"content": o.delta_text} if o.delta_text or not o.finish_reason else {}
                     if o.finish_reason:
                         done.add(o.index)
@@ -392,6 +392,12 @@ class OpenAIServer:
 
     def record_engine_stats(self) -> None:
         self.metrics.record_engine_stats(self.engine.stats())
+
+
+def _new_logprobs(o) -> list[dict[int, float]]:
+    """The log-probability entries of the tokens new in this output (`logprobs` is cumulative)."""
+    end = len(o.token_ids)
+    return o.logprobs[end - len(o.delta_token_ids):end]
 
 
 def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:

@@ -71,7 +71,8 @@ def _shortfall(need: dict[str, float], nodes: list[dict[str, float]], where: str
         if where == "one node":
             best = max((n.get(key, 0.0) for n in nodes), default=0.0)
             if best + _EPS < need[key]:
-                return f"needs {_amount(need[key], key)} on one node; the largest node has {_amount(best, key)}"
+                return (f"needs {_amount(need[key], key)} on one node; "
+                        f"the largest node has {_amount(best, key)}")
         else:
             have = sum(n.get(key, 0.0) for n in nodes)
             if have + _EPS < need[key]:
@@ -129,7 +130,8 @@ def check_resources(bundles: Sequence[dict[str, float]], strategy: str = "STRICT
         time.sleep(poll_s)
     prefix = f"{context} " if context else ""
     largest = max(current, key=lambda n: n.get("GPU", 0.0), default={})
+    shown = {k: v for k, v in largest.items() if k in ("CPU", "GPU") or k.startswith("accelerator_type")}
     raise PlacementError(
         f"{prefix}{problem} ({strategy}). Bundles: {list(bundles)}. Node with the most GPUs: "
-        f"{_describe({k: v for k, v in largest.items() if k in ('CPU', 'GPU') or k.startswith('accelerator_type')})}. "
+        f"{_describe(shown)}. "
         "Lower tensor_parallel_size, add nodes, or change the placement strategy.")
