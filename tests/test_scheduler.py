@@ -532,6 +532,23 @@ def test_set_capacity_shrinks_by_reclaiming_then_preempting():
     h.sched.check_integrity()
 
 
+def test_plans_alternate_with_updates_but_an_empty_plan_may_be_skipped():
+    sched = make_scheduler()
+    empty = sched.schedule()
+    assert not (empty.seqs or empty.kv_now or empty.kv_prefetch or empty.finished)
+    sched.add_request("r", prompt(3), params(max_tokens=2))
+    plan = sched.schedule()  # the empty plan was never in flight
+    with pytest.raises(RuntimeError, match="still in flight"):
+        sched.schedule()
+    with pytest.raises(ValueError, match="latest schedule"):
+        sched.update(empty, StepOutput(empty.step))
+    with pytest.raises(ValueError, match="does not answer"):
+        sched.update(plan, StepOutput(plan.step + 1))
+    worker = FakeWorker(sched.layout, 64)
+    assert sched.update(plan, worker.step(plan))[0].req_id == "r"
+    sched.check_integrity()
+
+
 # ---------------------------------------------------------------------------- integrity and speed
 
 

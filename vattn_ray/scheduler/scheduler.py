@@ -4,7 +4,7 @@ Hot path: `schedule()` and `update()` run once per model step for every running 
 per-request work O(1) (no scans of the queues inside per-request loops).
 
 Protocol: `schedule()` -> the engine runs the plan on every shard -> `update(plan, output)`, strictly
-alternating. Request progress (`num_computed`, output tokens) is committed only in `update()` and
+alternating (an empty plan may be skipped, update included). Request progress (`num_computed`, output tokens) is committed only in `update()` and
 only for an executed step, so a step that did not run needs no undo of request state.
 
 KV accounting and failures (see `update` and `_recover`):
@@ -186,9 +186,11 @@ class Scheduler:
                         seqs=tuple(chunk for _, chunk in st.seqs), new_requests=tuple(st.new_requests),
                         finished=tuple(self._to_release))
         self._to_release = []
-        self._in_flight = plan
-        self._in_flight_upper = upper
-        self._step += 1
+        if plan.seqs or plan.kv_now or plan.kv_prefetch or plan.finished:
+            # An empty plan changes nothing anywhere: the engine may skip it (and its update()).
+            self._in_flight = plan
+            self._in_flight_upper = upper
+            self._step += 1
         return plan
 
     def _schedule_decodes(self, st: _Step, running: list[Request]) -> None:
@@ -325,6 +327,8 @@ class Scheduler:
 
     def update(self, plan: StepPlan, output: StepOutput) -> list[RequestUpdate]:
         """Apply the result of `plan`: append sampled tokens, finish requests, handle KV failures."""
+        if self._in_flight is None and not (plan.seqs or plan.kv_now or plan.kv_prefetch or plan.finished):
+            return []  # an empty plan, never in flight
         if plan is not self._in_flight:
             raise ValueError("update() takes the plan returned by the latest schedule()")
         if output.step != plan.step:
