@@ -88,7 +88,7 @@ class Worker:
             max_slots=cfg.scheduler.max_num_seqs, max_model_len=cfg.scheduler.max_model_len)
         budget = self._kv_budget_bytes(layout)
         self.kv = KVManager.from_budget(layout, self.device, budget, self.dtype, rank=self.rank)
-        self.sampler = Sampler()
+        self.sampler = Sampler(seed=cfg.model.seed)
         from vattn_ray.attention import get_backend
 
         self.attention = get_backend(cfg.attention_backend)
@@ -150,26 +150,15 @@ class Worker:
 
     @torch.inference_mode()
     def _run_batch(self, plan: StepPlan) -> tuple:
-        seqs = plan.seqs
-        ids, pos, sample_rows = [], [], []
-        for s in seqs:
-            ids.extend(s.token_ids)
-            pos.extend(range(s.start, s.end))
-            if s.sample:
-                sample_rows.append(len(ids) - 1)
-        host = torch.tensor([ids, pos], dtype=torch.long)
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        dev = host.to(self.device, non_blocking=True)
-        meta = self.attention.build_metadata(seqs, self.kv.layout.max_tokens_per_slot, self.device)
-        hidden = self.model(dev[0], dev[1], meta, self.kv.layer_kv)
-        if not sample_rows:
+        # One packed host->device copy carries ids, positions, slot mapping and sample rows.
+        meta = self.attention.build_metadata(plan.seqs, self.kv.layout.max_tokens_per_slot, self.device)
+        hidden = self.model(meta.input_ids, meta.positions, meta, self.kv.layer_kv)
+        if meta.sample_indices.numel() == 0:
             return ()
-        rows = torch.tensor(sample_rows, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        logits = self.model.compute_logits(hidden.index_select(0, meta.sample_indices))
         if self.rank != 0:
             return ()
-        chunks = [s for s in seqs if s.sample]
+        chunks = [s for s in plan.seqs if s.sample]
         return tuple(self.sampler.sample(logits, chunks, [self.requests[c.req_id] for c in chunks]))
 
     def _any_rank_failed(self, failed: bool) -> bool:
