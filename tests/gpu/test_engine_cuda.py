@@ -27,7 +27,8 @@ def bf16_checkpoint(tmp_path_factory):
     # Small but real shapes: GQA, head_dim 128 like Llama-3.
     return build_random_checkpoint(path, "llama", seed=11, dtype="bfloat16", hidden_size=1024,
                                    num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                                   intermediate_size=2816, head_dim=128)
+                                   intermediate_size=2816, head_dim=128,
+                                   max_position_embeddings=8192)
 
 
 def _hf_reference(path: str, prompts: list[list[int]]):
