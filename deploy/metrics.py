@@ -15,23 +15,27 @@ _LATENCY_BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 _ITL_BOUNDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 _TAGS = ("model",)
 
-# engine.stats() key -> (metric name, description)
+# metric name -> (description, engine.stats() keys to read it from, first present wins)
 ENGINE_GAUGES = {
-    "num_running": ("vattn_num_requests_running", "Sequences in the running batch."),
-    "num_waiting": ("vattn_num_requests_waiting", "Sequences waiting for a KV slot or pages."),
-    "kv_groups_mapped": ("vattn_kv_page_groups_mapped", "KV page groups backed by physical memory."),
-    "kv_groups_free": ("vattn_kv_page_groups_free", "KV page groups free in the physical pool."),
-    "kv_fragmentation": ("vattn_kv_fragmentation", "Fraction of mapped KV memory not holding live tokens."),
+    "vattn_num_requests_running": ("Sequences in the running batch.", ("num_running",)),
+    "vattn_num_requests_waiting": ("Sequences waiting for a KV slot or pages.", ("num_waiting",)),
+    "vattn_kv_page_groups_mapped": ("KV page groups backed by physical memory.",
+                                    ("kv_groups_mapped", "num_groups_mapped")),
+    "vattn_kv_page_groups_free": ("KV page groups free in the physical pool.",
+                                  ("kv_groups_free", "num_groups_free")),
+    "vattn_kv_page_groups_idle": ("KV page groups kept mapped by finished requests for reuse "
+                                  "(deferred reclamation).", ("kv_groups_idle", "num_groups_idle")),
+    "vattn_kv_fragmentation": ("Fraction of mapped KV memory not holding live tokens.",
+                               ("kv_fragmentation",)),
 }
-
 
 class ServerMetrics:
     """All metrics of one served model; `model` tags every sample."""
 
     def __init__(self, model: str) -> None:
         self.tags = {"model": model}
-        self.gauges = {key: Gauge(name, description=desc, tag_keys=_TAGS)
-                       for key, (name, desc) in ENGINE_GAUGES.items()}
+        self.gauges = {name: (Gauge(name, description=desc, tag_keys=_TAGS), keys)
+                       for name, (desc, keys) in ENGINE_GAUGES.items()}
         self.preemptions = Counter("vattn_num_preemptions_total",
                                    description="Sequences preempted (recomputed later) for lack of KV pages.",
                                    tag_keys=_TAGS)
@@ -55,9 +59,10 @@ class ServerMetrics:
 
     def record_engine_stats(self, stats: dict) -> None:
         """Copy engine gauges; turn the engine's cumulative preemption count into a counter."""
-        for key, gauge in self.gauges.items():
-            if stats.get(key) is not None:
-                gauge.set(float(stats[key]), tags=self.tags)
+        for gauge, keys in self.gauges.values():
+            value = next((stats[k] for k in keys if stats.get(k) is not None), None)
+            if value is not None:
+                gauge.set(float(value), tags=self.tags)
         total = stats.get("num_preemptions")
         if total is not None:
             total = int(total)
