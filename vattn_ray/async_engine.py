@@ -61,6 +61,9 @@ class AsyncLLMEngine:
         self.check_health()
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
+            # Again under the lock: the loop may have died since, and it hands its error only to
+            # the streams registered before it took the lock; a later one would wait forever.
+            self.check_health()
             self.engine.add_request(request_id, prompt, params)
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
         self._wake.set()

@@ -63,8 +63,12 @@ class LLMEngine:
         self.config = config
         self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
         self.executor = make_executor(config, placement_group=placement_group)
-        infos = self.executor.start()
-        self.layout = _agreed_layout(infos)
+        try:
+            infos = self.executor.start()
+            self.layout = _agreed_layout(infos)
+        except BaseException:
+            self.executor.shutdown()  # actors and the placement group must not outlive a failed start
+            raise
         from vattn_ray.scheduler import Scheduler
 
         self.scheduler = Scheduler(config.scheduler, self.layout, [i.capacity_groups for i in infos])
@@ -150,6 +154,7 @@ class LLMEngine:
 
     def schedule(self) -> StepPlan | None:
         """The next plan, or None when there is nothing to do."""
+        self.executor.check_alive()  # after a worker failure, say so rather than plan again
         plan = self.scheduler.schedule()
         if not (plan.seqs or plan.kv_now or plan.kv_prefetch or plan.finished):
             return None

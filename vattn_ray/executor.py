@@ -6,6 +6,8 @@ Every executor offers the same few calls; the engine never knows which one it dr
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
 
 from vattn_ray.config import EngineConfig
 from vattn_ray.scheduler.plan import StepOutput, StepPlan
@@ -20,6 +22,14 @@ class Executor(ABC):
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        # Set once a worker has failed: the group's shards may be mid-collective or gone, so no
+        # further call may reach them; every later call raises WorkerFailed with this text.
+        self.failure: str | None = None
+
+    def check_alive(self) -> None:
+        """Raise `WorkerFailed` if a worker of this group has failed before."""
+        if self.failure is not None:
+            raise WorkerFailed(f"{self.failure} (the worker group is unusable; start a new engine)")
 
     @abstractmethod
     def start(self) -> list:
@@ -36,6 +46,14 @@ class Executor(ABC):
     @abstractmethod
     def kv_stats(self, live_tokens: dict[int, int] | None = None):
         """Rank 0's KV statistics."""
+
+    @abstractmethod
+    def run_on_workers(self, fn: Callable[..., Any], *args: Any) -> list:
+        """`fn(worker, *args)` on every rank between steps; each rank's result, rank order.
+
+        For tests and benchmarks that need to look inside the shards (per-rank stats, timings);
+        `fn` must be picklable (a module-level function) to reach Ray actors.
+        """
 
     @abstractmethod
     def shutdown(self) -> None: ...
@@ -59,6 +77,9 @@ class InProcessExecutor(Executor):
 
     def kv_stats(self, live_tokens: dict[int, int] | None = None):
         return self.worker.kv_stats(live_tokens)
+
+    def run_on_workers(self, fn: Callable[..., Any], *args: Any) -> list:
+        return [fn(self.worker, *args)]
 
     def shutdown(self) -> None:
         worker = getattr(self, "worker", None)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
+from typing import Any
 
 from vattn_ray.config import EngineConfig
 from vattn_ray.executor import Executor, WorkerFailed
@@ -52,10 +54,12 @@ class _RemoteWorker:
         return self.worker.load()
 
     def run(self, command):
-        """A StepPlan, or (method name, args) for the rare calls that are not steps."""
+        """A StepPlan, or (method name or function of the worker, args) for calls that are not steps."""
         if isinstance(command, StepPlan):
             return self.worker.execute(command)
         name, args = command
+        if callable(name):
+            return name(self.worker, *args)
         return getattr(self.worker, name)(*args)
 
     def pid(self) -> int:
@@ -70,6 +74,7 @@ class RayExecutor(Executor):
         self.placement_group = placement_group
         self.owns_placement_group = False
         self.workers = []
+        self.pids: list[int] = []
         self.graph = None
         self.use_compiled_graph = os.environ.get("VATTN_RAY_COMPILED_GRAPH", "1") != "0"
 
@@ -117,18 +122,71 @@ class RayExecutor(Executor):
         return infos
 
     def _get(self, refs, timeout: float | None = STEP_TIMEOUT_S):
+        """Start-up calls: any Ray error becomes a `WorkerFailed` naming the rank."""
         import ray
 
         try:
             return ray.get(refs, timeout=timeout)
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError,
-                ray.exceptions.GetTimeoutError, ray.exceptions.RayChannelError) as exc:
-            raise WorkerFailed(f"a tensor-parallel worker failed: {exc}") from exc
+        except ray.exceptions.RayError as exc:
+            self.failure = self._describe(exc)
+            raise WorkerFailed(self.failure) from exc
 
     def _run_all(self, command) -> list:
-        if self.graph is not None:
-            return self._get(self.graph.execute(command))
-        return self._get([w.run.remote(command) for w in self.workers])
+        """One command on every rank. The first failure poisons the group: a surviving rank may
+        be blocked in a collective with the dead one, so nothing is sent to it again."""
+        import ray
+
+        self.check_alive()
+        try:
+            if self.graph is not None:
+                refs = self.graph.execute(command)  # raises too once Ray has torn the graph down
+            else:
+                refs = [w.run.remote(command) for w in self.workers]
+            return ray.get(refs, timeout=STEP_TIMEOUT_S)
+        except ray.exceptions.RayError as exc:
+            self.failure = self._describe(exc)
+            logger.error("%s", self.failure)
+            raise WorkerFailed(self.failure) from exc
+
+    def _describe(self, exc: BaseException) -> str:
+        """One line for operators: which rank (and process) failed, and how."""
+        import ray
+
+        if isinstance(exc, ray.exceptions.GetTimeoutError):
+            return (f"a tensor-parallel step did not finish in {STEP_TIMEOUT_S:.0f} s "
+                    "(VATTN_RAY_STEP_TIMEOUT_S): a worker is stuck")
+        ranks = self._failed_ranks(exc)
+        who = ", ".join(f"rank {r} (pid {self.pids[r] if r < len(self.pids) else '?'})"
+                        for r in ranks) or "a worker"
+        if isinstance(exc, ray.exceptions.RayActorError):
+            detail = str(exc).strip().splitlines()[0]
+            return f"tensor-parallel worker {who} died: {detail}"
+        if isinstance(exc, ray.exceptions.RayTaskError):
+            return f"tensor-parallel worker {who} raised: {exc.cause!r}" if exc.cause else \
+                f"tensor-parallel worker {who} raised: {exc}"
+        verb = "died" if ranks else "failed"  # ranks found by asking: their actors are gone
+        return f"tensor-parallel worker {who} {verb}: {type(exc).__name__}: {exc}"
+
+    def _failed_ranks(self, exc: BaseException) -> list[int]:
+        """The ranks named by `exc`, else the ranks whose actors no longer answer as alive."""
+        import ray
+
+        ids = [w._actor_id.hex() for w in self.workers]
+        actor_id = getattr(exc, "actor_id", None)
+        if actor_id in ids:
+            return [ids.index(actor_id)]
+        # A channel error names nobody: ask each actor; a dead one answers at once with an error.
+        # (A live one may be busy in the graph's loop; waiting a moment on it is fine here.)
+        refs = [w.pid.remote() for w in self.workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+        dead = []
+        for rank, ref in enumerate(refs):
+            if ref in ready:
+                try:
+                    ray.get(ref, timeout=0)
+                except ray.exceptions.RayError:
+                    dead.append(rank)
+        return dead
 
     def execute(self, plan: StepPlan) -> StepOutput:
         outs = self._run_all(plan)
@@ -145,9 +203,20 @@ class RayExecutor(Executor):
     def kv_stats(self, live_tokens: dict[int, int] | None = None):
         return self._run_all(("kv_stats", (live_tokens,)))[0]
 
+    def run_on_workers(self, fn: Callable[..., Any], *args: Any) -> list:
+        return self._run_all((fn, args))
+
     def shutdown(self) -> None:
         import ray
 
+        if self.failure is not None:
+            # Kill first: a rank blocked in a collective with a dead peer would hold the graph's
+            # teardown (it waits for every rank's loop to stop) for tens of seconds.
+            for w in self.workers:
+                try:
+                    ray.kill(w)
+                except Exception:  # noqa: BLE001 - already dead
+                    pass
         if self.graph is not None:
             try:
                 self.graph.teardown()
