@@ -1,0 +1,264 @@
+"""Tensor parallelism on Ray, on CPU (gloo): parity, lockstep KV, preemption, failures.
+
+Every TP=2 engine here is a real `RayExecutor`: two Ray actors in a placement group driven through
+a compiled graph, each with its own host-VMM KV cache. One Ray cluster serves the whole module;
+each test starts and shuts down its own engine, so at most one group (2 CPUs) is alive at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+import ray
+import torch
+
+from vattn_ray import LLM, SamplingParams
+from vattn_ray.async_engine import AsyncLLMEngine, EngineDeadError
+from vattn_ray.config import EngineArgs
+from vattn_ray.engine import LLMEngine, _agreed_layout
+from vattn_ray.executor import WorkerFailed
+from vattn_ray.layout import KVLayout
+from vattn_ray.model.builder import build_random_checkpoint
+from workers.worker import Worker, WorkerInfo
+
+PAGE = 4096  # small host pages: every prompt crosses page boundaries
+MAX_TOKENS = 20
+CLUSTER_CPUS = 4
+ENGINE = dict(device="cpu", dtype="float32", page_bytes=PAGE, max_model_len=256)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=CLUSTER_CPUS, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    return {
+        "llama": build_random_checkpoint(str(root / "llama"), "llama", seed=7),  # 4 q / 2 kv heads
+        "qwen3": build_random_checkpoint(str(root / "qwen3"), "qwen3", seed=8),  # q/k RMSNorm
+        # One KV head for two ranks: each rank keeps a copy of it.
+        "llama_kv1": build_random_checkpoint(str(root / "llama_kv1"), "llama", seed=9,
+                                             num_key_value_heads=1),
+        # 3 KV heads cannot be split over 2 ranks.
+        "qwen2_kv3": build_random_checkpoint(str(root / "qwen2_kv3"), "qwen2", seed=10, hidden_size=96,
+                                             num_attention_heads=6, num_key_value_heads=3),
+    }
+
+
+def _prompts(lengths: list[int], seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 512) for _ in range(n)] for n in lengths]
+
+
+def _greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _tp1_greedy(path: str, prompts: list[list[int]]) -> list[list[int]]:
+    with LLM(model=path, **ENGINE) as llm:
+        return _greedy(llm, prompts)
+
+
+def _hf_greedy(path: str, prompts: list[list[int]]) -> list[list[int]]:
+    """transformers' own greedy generation in float32, one prompt at a time."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    outs = []
+    for p in prompts:
+        with torch.no_grad():
+            seq = model.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False,
+                                 attention_mask=torch.ones(1, len(p), dtype=torch.long))
+        outs.append(seq[0, len(p):].tolist())
+    return outs
+
+
+def _assert_shards_in_lockstep(llm: LLM) -> None:
+    """Both shards' books match the scheduler, and both mapped and unmapped the same pages."""
+    llm.engine.check_integrity()  # the scheduler's slot table against every rank's KV manager
+    stats = llm.engine.executor.run_on_workers(Worker.kv_stats, None)
+    assert len(stats) == 2
+    lockstep = [(s.groups_total, s.groups_mapped, s.groups_free, s.groups_mapped_total,
+                 s.groups_unmapped_total) for s in stats]
+    assert lockstep[0] == lockstep[1], f"shards diverged: {lockstep}"
+    assert stats[0].groups_mapped_total > 0
+
+
+def _wait_for(condition, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _cluster_idle() -> bool:
+    """Every CPU is free again: the group's placement group and actors are gone."""
+    return ray.available_resources().get("CPU", 0) == CLUSTER_CPUS
+
+
+# ---- parity ---------------------------------------------------------------------------------------
+def test_llama_gqa_tp2_matches_tp1_and_transformers(ckpts):
+    """4 query / 2 KV heads: each rank holds 2 query heads and 1 KV head; chunked prefill too."""
+    path = ckpts["llama"]
+    prompts = _prompts([5, 37, 70, 1, 129, 64], seed=0)
+    with LLM(model=path, tensor_parallel_size=2, max_num_batched_tokens=64, **ENGINE) as llm:
+        assert llm.engine.layout.num_kv_heads == 1  # the shard's layout: KV heads split
+        ours = _greedy(llm, prompts)
+        _assert_shards_in_lockstep(llm)
+        assert llm.engine.stats()["num_steps"] > MAX_TOKENS  # 129 tokens in 64-token chunks
+    assert ours == _tp1_greedy(path, prompts)
+    assert ours == _hf_greedy(path, prompts)
+
+
+def test_qwen3_tp2_under_forced_preemption_matches(ckpts):
+    """A pool too small for all requests at once: both shards preempt together and still match."""
+    path = ckpts["qwen3"]
+    prompts = _prompts([60, 61, 62, 63, 64, 65], seed=2)
+    # The shard's layout at TP=2 (1 KV head of 16 dims, both layers in one tensor, float32).
+    shard = KVLayout.build(num_layers=2, layers_per_tensor=2, num_kv_heads=1, head_dim=16, itemsize=4,
+                           page_bytes=PAGE, max_slots=64, max_model_len=256)
+    groups = int(2.5 * (65 + MAX_TOKENS) / shard.tokens_per_group) + 1  # ~2.5 requests at a time
+    with LLM(model=path, tensor_parallel_size=2, kv_cache_memory_bytes=groups * shard.page_group_bytes,
+             max_num_batched_tokens=512, **ENGINE) as llm:
+        assert llm.engine.layout == shard
+        ours = _greedy(llm, prompts)
+        _assert_shards_in_lockstep(llm)
+        assert llm.engine.stats()["num_preemptions"] > 0
+    assert ours == _tp1_greedy(path, prompts)
+    assert ours == _hf_greedy(path, prompts)
+
+
+def test_fewer_kv_heads_than_ranks_replicates_the_kv_head(ckpts):
+    """1 KV head, TP=2: both ranks keep (and page) a full copy of it."""
+    path = ckpts["llama_kv1"]
+    prompts = _prompts([9, 33, 100], seed=3)
+    with LLM(model=path, tensor_parallel_size=2, **ENGINE) as llm:
+        assert llm.engine.layout.num_kv_heads == 1
+        ours = _greedy(llm, prompts)
+        _assert_shards_in_lockstep(llm)
+    assert ours == _tp1_greedy(path, prompts)
+    assert ours == _hf_greedy(path, prompts)
+
+
+# ---- start-up ------------------------------------------------------------------------------------
+def test_unsplittable_heads_fail_start_clearly_and_release_the_group(ckpts):
+    with pytest.raises(WorkerFailed, match=r"num_key_value_heads=3 is not divisible by "
+                                           r"tensor_parallel_size=2"):
+        LLM(model=ckpts["qwen2_kv3"], tensor_parallel_size=2, **ENGINE)
+    assert _wait_for(_cluster_idle), f"group not released: {ray.available_resources()}"
+
+
+def _info(rank: int, layout: KVLayout, architecture: str = "LlamaForCausalLM") -> WorkerInfo:
+    return WorkerInfo(rank, layout, capacity_groups=10, weight_bytes=1, kv_pool_bytes=1,
+                      architecture=architecture, device_name="cpu")
+
+
+def test_shards_that_disagree_on_layout_or_model_fail_start():
+    def layout(kv_heads: int) -> KVLayout:
+        return KVLayout.build(num_layers=2, layers_per_tensor=2, num_kv_heads=kv_heads, head_dim=16,
+                              itemsize=4, page_bytes=PAGE, max_slots=8, max_model_len=64)
+
+    assert _agreed_layout([_info(0, layout(1)), _info(1, layout(1))]) == layout(1)
+    with pytest.raises(RuntimeError, match=r"shards disagree: .* rank 1 has"):
+        _agreed_layout([_info(0, layout(1)), _info(1, layout(2))])
+    with pytest.raises(RuntimeError, match=r"rank 1 has Qwen3ForCausalLM"):
+        _agreed_layout([_info(0, layout(1)), _info(1, layout(1), "Qwen3ForCausalLM")])
+
+
+# ---- failures ------------------------------------------------------------------------------------
+LONG = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+
+def test_rank1_killed_mid_generate_raises_worker_failed_promptly(ckpts):
+    llm = LLM(model=ckpts["llama"], tensor_parallel_size=2, **ENGINE)
+    pids = list(llm.engine.executor.pids)
+    killed_at: list[float] = []
+
+    def kill_once_running() -> None:
+        _wait_for(lambda: llm.engine.num_steps >= 5, timeout=60)
+        killed_at.append(time.monotonic())
+        os.kill(pids[1], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_once_running)
+    try:
+        killer.start()
+        with pytest.raises(WorkerFailed, match=rf"rank 1 \(pid {pids[1]}\) died"):
+            llm.generate(_prompts([30, 30, 30, 30], seed=4), LONG)
+        elapsed = time.monotonic() - killed_at[0]
+        killer.join()
+        assert llm.engine.num_steps < 150, "generate finished before the kill landed"
+        assert elapsed < 30, f"WorkerFailed came {elapsed:.1f} s after the kill"
+        # The group stays failed: the next call says so at once instead of planning on dead shards.
+        t0 = time.monotonic()
+        with pytest.raises(WorkerFailed, match="unusable"):
+            llm.generate(_prompts([5], seed=5), LONG)
+        assert time.monotonic() - t0 < 5
+    finally:
+        killer.join()
+        llm.shutdown()
+    assert _wait_for(lambda: _process_gone(pids[0])), "rank 0 outlived shutdown"
+    assert _wait_for(_cluster_idle), f"group not released: {ray.available_resources()}"
+
+
+def test_rank1_killed_under_async_engine_fails_streams_and_health(ckpts):
+    engine = AsyncLLMEngine(LLMEngine.from_engine_args(
+        EngineArgs(model=ckpts["llama_kv1"], tensor_parallel_size=2, **ENGINE)))
+    pids = list(engine.engine.executor.pids)
+
+    async def run() -> tuple[list, float]:
+        streaming = asyncio.Event()
+
+        async def stream(i: int) -> int:
+            n = 0
+            async for _ in engine.generate(_prompts([30], seed=10 + i)[0], LONG, f"req-{i}"):
+                n += 1
+                streaming.set()
+            return n
+
+        tasks = [asyncio.create_task(stream(i)) for i in range(4)]
+        await asyncio.wait_for(streaming.wait(), 60)
+        os.kill(pids[1], signal.SIGKILL)
+        t0 = time.monotonic()
+        # wait_for: a hung stream fails the test instead of hanging it.
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+        return results, time.monotonic() - t0
+
+    try:
+        results, elapsed = asyncio.run(run())
+        assert all(isinstance(r, EngineDeadError) for r in results), results
+        assert all(f"rank 1 (pid {pids[1]}) died" in str(r) for r in results), results
+        assert elapsed < 30, f"streams failed {elapsed:.1f} s after the kill"
+        with pytest.raises(EngineDeadError, match="rank 1"):
+            engine.check_health()
+
+        async def late_request() -> None:
+            async for _ in engine.generate([5, 6, 7], LONG, "late"):
+                pass
+
+        with pytest.raises(EngineDeadError):
+            asyncio.run(asyncio.wait_for(late_request(), 10))
+    finally:
+        engine.shutdown()
+    assert _wait_for(lambda: _process_gone(pids[0])), "rank 0 outlived shutdown"
+    assert _wait_for(_cluster_idle), f"group not released: {ray.available_resources()}"
