@@ -1,0 +1,334 @@
+"""Tensor-parallel benchmark: head<->worker control overhead, throughput, all-reduce cost.
+
+    python -m vattn_ray.bench tp [--device cuda|cpu] [--model DIR] [--tp 1,2] [--out r.json]
+
+For each worker group (TP=1 in-process; TP>1 over a Ray compiled graph, and over plain actor
+calls unless --no-actor-calls), one engine is started and measured three ways:
+(a) Control overhead per step: the head times `executor.execute(plan)` round trips of an empty
+    plan and of a one-token decode plan while every worker times its own `execute`; overhead =
+    round trip - the slowest rank's execute. Everything else a step costs (plan in, output out,
+    the graph's channels) is in it.
+(b) Throughput: `--num-requests` requests of `--input-len` random tokens, `--output-len` tokens
+    each (ignore_eos), all submitted at once; output tokens/s and the decode step time (steps in
+    which every sequence computes one token).
+(c) All-reduce (TP>1): the 2 per layer a decode step does, timed on the workers as
+    `torch.distributed.all_reduce` of a [decode batch, hidden] tensor of the model's dtype.
+Defaults on cuda: a Llama-3-8B-shaped bf16 checkpoint (built into /tmp/vattn-llama3-8b if
+missing), 128 requests, 512 in, 128 out. On cpu: a tiny random llama and small sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from vattn_ray.config import EngineArgs, read_hf_config
+from vattn_ray.engine import LLMEngine
+from vattn_ray.sampling_params import SamplingParams
+from vattn_ray.scheduler.plan import KVOp, NewRequest, SeqChunk, StepPlan
+
+LLAMA8B_DIR = "/tmp/vattn-llama3-8b"
+PROBE = "bench-probe"  # the request id of the one-token overhead plans
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m vattn_ray.bench tp", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", help="checkpoint dir (default: cuda the 8B-shaped one, cpu a tiny llama)")
+    p.add_argument("--dtype", default=None, help="default bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--tp", default="1,2", help="comma list of tensor-parallel sizes")
+    p.add_argument("--no-actor-calls", action="store_true", help="skip TP>1 over plain actor calls")
+    p.add_argument("--overhead-steps", type=int, default=None, help="timed steps per plan (cuda 500, cpu 50)")
+    p.add_argument("--num-requests", type=int, default=None, help="cuda 128, cpu 8")
+    p.add_argument("--input-len", type=int, default=None, help="cuda 512, cpu 32")
+    p.add_argument("--output-len", type=int, default=None, help="cuda 128, cpu 16")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--allreduce-iters", type=int, default=None, help="timed decode steps' worth (cuda 50, cpu 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    for name, on_cuda, on_cpu in (("dtype", "bfloat16", "float32"), ("overhead_steps", 500, 50),
+                                  ("num_requests", 128, 8), ("input_len", 512, 32), ("output_len", 128, 16),
+                                  ("allreduce_iters", 50, 5)):
+        if getattr(args, name) is None:
+            setattr(args, name, on_cuda if cuda else on_cpu)
+    args.tps = [int(t) for t in args.tp.split(",")]
+    return args
+
+
+# -- run on the workers (module-level so Ray actors can import them) --------------------------------
+def install_step_timer(worker) -> None:
+    """Wrap `worker.execute` so it records its own duration; clear what was recorded so far."""
+    if not hasattr(worker, "bench_step_s"):
+        inner, times = worker.execute, []
+
+        def timed(plan):
+            t0 = time.perf_counter()
+            out = inner(plan)
+            times.append(time.perf_counter() - t0)
+            return out
+
+        worker.execute, worker.bench_step_s = timed, times
+    worker.bench_step_s.clear()
+
+
+def take_step_times(worker) -> list[float]:
+    times = list(worker.bench_step_s)
+    worker.bench_step_s.clear()
+    return times
+
+
+def time_all_reduce(worker, rows: int, cols: int, per_step: int, iters: int) -> float:
+    """Seconds for `per_step` all-reduces of a [rows, cols] tensor, averaged over `iters` steps."""
+    x = torch.zeros(rows, cols, dtype=worker.dtype, device=worker.device)
+
+    def sync() -> None:
+        if worker.device.type == "cuda":
+            torch.cuda.synchronize(worker.device)
+
+    for _ in range(5):
+        torch.distributed.all_reduce(x, group=worker.group)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters * per_step):
+        torch.distributed.all_reduce(x, group=worker.group)
+    sync()
+    return (time.perf_counter() - t0) / iters
+
+
+# -- (a) control overhead ----------------------------------------------------------------------------
+def bench_overhead(engine: LLMEngine, steps: int) -> list[dict]:
+    """Round trips of an empty and of a one-token plan against each rank's own execute time."""
+    ex = engine.executor
+    ex.run_on_workers(install_step_timer)
+    # A probe request of one token in slot 0; the scheduler has not used any slot yet.
+    ex.execute(StepPlan(0, kv_now=(KVOp(0, 1),),
+                        new_requests=(NewRequest(PROBE, SamplingParams(temperature=0.0)),)))
+    plans = {"empty": StepPlan(1),
+             "one token": StepPlan(1, seqs=(SeqChunk(PROBE, 0, 0, (7,), sample=True),))}
+    rows = []
+    for name, plan in plans.items():
+        for _ in range(min(20, steps)):  # warm-up: channels, kernels, allocator
+            ex.execute(plan)
+        ex.run_on_workers(take_step_times)
+        head = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            ex.execute(plan)
+            head.append(time.perf_counter() - t0)
+        ranks = ex.run_on_workers(take_step_times)
+        worker = [max(r[i] for r in ranks) for i in range(steps)]
+        overhead = [h - w for h, w in zip(head, worker)]
+        rows.append({"plan": name, "steps": steps, "round_trip_us_p50": _us(_pct(head, 50)),
+                     "worker_us_p50": _us(_pct(worker, 50)), "overhead_us_p50": _us(_pct(overhead, 50)),
+                     "overhead_us_p90": _us(_pct(overhead, 90)), "overhead_us_mean": _us(statistics.mean(overhead))})
+    ex.execute(StepPlan(2, kv_now=(KVOp(0, 0),), finished=(PROBE,)))
+    engine.check_integrity()  # the probe left every shard as the scheduler believes it is
+    return rows
+
+
+# -- (b) throughput ---------------------------------------------------------------------------------
+def bench_throughput(engine: LLMEngine, args: argparse.Namespace, vocab: int) -> dict:
+    _drive(engine, _prompts(2, min(args.input_len, 16), vocab, args.seed + 1), 4)  # warm-up
+    prompts = _prompts(args.num_requests, args.input_len, vocab, args.seed)
+    t0 = time.perf_counter()
+    steps = _drive(engine, prompts, args.output_len)
+    elapsed = time.perf_counter() - t0
+    engine.check_integrity()
+    decode = [(dt, n) for dt, n, tokens in steps if tokens == n]  # every sequence: one token
+    out_tokens = args.num_requests * args.output_len
+    return {"requests": args.num_requests, "input_len": args.input_len, "output_len": args.output_len,
+            "elapsed_s": elapsed, "output_tok_per_s": out_tokens / elapsed,
+            "total_tok_per_s": (out_tokens + args.num_requests * args.input_len) / elapsed,
+            "steps": len(steps), "decode_steps": len(decode),
+            "decode_step_ms_p50": 1e3 * _pct([d for d, _ in decode], 50) if decode else None,
+            "decode_step_ms_p90": 1e3 * _pct([d for d, _ in decode], 90) if decode else None,
+            "decode_batch_p50": _pct([n for _, n in decode], 50) if decode else None}
+
+
+def _drive(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[tuple[float, int, int]]:
+    """Run `prompts` to the end; (execute seconds, sequences, tokens) of every step."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"bench-{engine.num_steps}-{i}", p, params)
+    steps = []
+    while engine.has_unfinished_requests():
+        plan = engine.schedule()
+        if plan is None:
+            raise RuntimeError("the scheduler planned nothing while requests were unfinished")
+        t0 = time.perf_counter()
+        out = engine.executor.execute(plan)
+        steps.append((time.perf_counter() - t0, len(plan.seqs), plan.num_tokens))
+        engine.process(plan, out)
+    return steps
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
+
+
+# -- (c) all-reduce ---------------------------------------------------------------------------------
+def bench_all_reduce(engine: LLMEngine, rows: int, iters: int, decode_step_ms: float | None) -> dict:
+    hf = read_hf_config(engine.config.model.model)
+    per_step = 2 * int(hf["num_hidden_layers"])  # attention and MLP outputs of every layer
+    secs = max(engine.executor.run_on_workers(time_all_reduce, rows, int(hf["hidden_size"]), per_step, iters))
+    return {"shape": [rows, int(hf["hidden_size"])], "dtype": engine.config.model.dtype,
+            "per_step": per_step, "us_each": 1e6 * secs / per_step, "ms_per_step": 1e3 * secs,
+            "share_of_decode_step": (1e3 * secs / decode_step_ms) if decode_step_ms else None}
+
+
+# -- driver -----------------------------------------------------------------------------------------
+def _groups(args: argparse.Namespace) -> list[tuple[int, str]]:
+    out = []
+    for tp in args.tps:
+        out += [(1, "in-process")] if tp == 1 else [(tp, "compiled graph")]
+        if tp > 1 and not args.no_actor_calls:
+            out.append((tp, "actor calls"))
+    return out
+
+
+def _start(args: argparse.Namespace, tp: int, path: str) -> LLMEngine:
+    """An engine over `tp` ranks; VATTN_RAY_COMPILED_GRAPH is read when its executor is made."""
+    return LLMEngine.from_engine_args(EngineArgs(
+        model=path, tensor_parallel_size=tp, device=args.device, dtype=args.dtype,
+        max_model_len=args.input_len + args.output_len, max_num_seqs=max(args.num_requests, 2),
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed))
+
+
+def _stop(engine: LLMEngine) -> None:
+    """Shut down and wait until the group's memory is really free for the next one."""
+    pids = list(getattr(engine.executor, "pids", []))
+    engine.shutdown()
+    deadline = time.monotonic() + 60
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if _alive(p)]
+        time.sleep(0.1)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _run_group(args: argparse.Namespace, path: str, vocab: int, tp: int, path_kind: str) -> dict:
+    old = os.environ.get("VATTN_RAY_COMPILED_GRAPH")
+    os.environ["VATTN_RAY_COMPILED_GRAPH"] = "0" if path_kind == "actor calls" else "1"
+    try:
+        engine = _start(args, tp, path)
+    finally:
+        if old is None:
+            os.environ.pop("VATTN_RAY_COMPILED_GRAPH")
+        else:
+            os.environ["VATTN_RAY_COMPILED_GRAPH"] = old
+    try:
+        row = {"tp": tp, "control": path_kind, "overhead": bench_overhead(engine, args.overhead_steps)}
+        row["throughput"] = bench_throughput(engine, args, vocab)
+        if tp > 1:
+            t = row["throughput"]
+            batch = int(t["decode_batch_p50"] or args.num_requests)
+            row["all_reduce"] = bench_all_reduce(engine, batch, args.allreduce_iters, t["decode_step_ms_p50"])
+        return row
+    finally:
+        _stop(engine)
+
+
+def _model_path(args: argparse.Namespace, scratch: str) -> str:
+    from vattn_ray.model.builder import build_random_checkpoint
+
+    if args.model:
+        return args.model
+    if args.device == "cpu":
+        return build_random_checkpoint(os.path.join(scratch, "llama"), "llama", seed=args.seed)
+    if not os.path.isfile(os.path.join(LLAMA8B_DIR, "tokenizer.json")):  # written last by the builder
+        build_random_checkpoint(LLAMA8B_DIR, "llama", preset="llama-3-8b", dtype="bfloat16", seed=0)
+    return LLAMA8B_DIR
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import ray
+
+    from vattn_ray.ray_executor import WORKER_ENV
+
+    own_ray = max(args.tps) > 1 and not ray.is_initialized()
+    if own_ray:
+        ray.init(include_dashboard=False, runtime_env={"env_vars": WORKER_ENV})
+    try:
+        with tempfile.TemporaryDirectory(prefix="vattn-bench-tp-") as scratch:
+            path = _model_path(args, scratch)
+            vocab = int(read_hf_config(path)["vocab_size"])
+            rows = [_run_group(args, path, vocab, tp, kind) for tp, kind in _groups(args)]
+    finally:
+        if own_ray:
+            ray.shutdown()
+    result = {"device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+              "model": path if args.model or args.device == "cuda" else "tiny random llama",
+              "config": {k: v for k, v in vars(args).items() if k not in ("out", "tps")}, "groups": rows}
+    sys.stdout.write(render(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+# -- report -----------------------------------------------------------------------------------------
+def render(result: dict) -> str:
+    g = result["groups"]
+    lines = [f"TP benchmark on {result['device_name']}, model {result['model']}", "",
+             "Control overhead per step (head round trip - slowest rank's own execute):", "",
+             "| TP | control path | plan | round trip µs p50 | worker µs p50 | overhead µs p50 | overhead µs p90 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in g:
+        for o in r["overhead"]:
+            lines.append(f"| {r['tp']} | {r['control']} | {o['plan']} | {o['round_trip_us_p50']:.0f} "
+                         f"| {o['worker_us_p50']:.0f} | {o['overhead_us_p50']:.0f} | {o['overhead_us_p90']:.0f} |")
+    lines += ["", "| TP | control path | requests | in / out | s | output tok/s | total tok/s "
+              "| decode step ms p50 | p90 | decode batch p50 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in g:
+        t = r["throughput"]
+        lines.append(f"| {r['tp']} | {r['control']} | {t['requests']} | {t['input_len']} / {t['output_len']} "
+                     f"| {t['elapsed_s']:.2f} | {t['output_tok_per_s']:.0f} | {t['total_tok_per_s']:.0f} "
+                     f"| {_f(t['decode_step_ms_p50'])} | {_f(t['decode_step_ms_p90'])} | {_f(t['decode_batch_p50'], 0)} |")
+    ar = [r for r in g if "all_reduce" in r]
+    if ar:
+        lines += ["", "| TP | control path | all-reduce shape | dtype | per step | µs each | ms per step "
+                  "| share of decode step |", "|---|---|---|---|---|---|---|---|"]
+        for r in ar:
+            a = r["all_reduce"]
+            share = "-" if a["share_of_decode_step"] is None else f"{100 * a['share_of_decode_step']:.1f}%"
+            lines.append(f"| {r['tp']} | {r['control']} | {a['shape'][0]}x{a['shape'][1]} | {a['dtype']} "
+                         f"| {a['per_step']} | {a['us_each']:.1f} | {a['ms_per_step']:.3f} | {share} |")
+    return "\n".join(lines) + "\n"
+
+
+def _pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+def _us(seconds: float) -> float:
+    return 1e6 * seconds
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
