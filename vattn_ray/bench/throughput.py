@@ -74,11 +74,17 @@ def run_vattn(args, prompts: list[list[int]]) -> dict:
         engine.add_request(f"bench-{i}", p, params)
     decode_steps: list[tuple[float, int, int]] = []  # (seconds, batch, tokens of context read)
     out_tokens = 0
+    extra: dict = {}
     _sync(device)
     t0 = time.perf_counter()
     while engine.has_unfinished_requests():
         plan = engine.schedule()
         if plan is None:
+            continue
+        decode_only = bool(plan.seqs) and all(len(s.token_ids) == 1 for s in plan.seqs)
+        if args.profile and decode_only and len(decode_steps) == 20 and "profile" not in extra:
+            out, extra["profile"] = _profiled(engine, plan)  # this step is left out of the timings
+            engine.process(plan, out)
             continue
         ts = time.perf_counter()
         out = engine.executor.execute(plan)
@@ -86,7 +92,7 @@ def run_vattn(args, prompts: list[list[int]]) -> dict:
         for o in engine.process(plan, out):
             if o.finished:
                 out_tokens += len(o.outputs[0].token_ids)
-        if plan.seqs and all(len(s.token_ids) == 1 for s in plan.seqs):
+        if decode_only:
             decode_steps.append((dt, len(plan.seqs), sum(s.end for s in plan.seqs)))
     elapsed = time.perf_counter() - t0
     peak = _used_bytes(device)
@@ -96,7 +102,7 @@ def run_vattn(args, prompts: list[list[int]]) -> dict:
     kv_bytes_per_token = layout.token_bytes * layout.num_tensors  # K and V of every layer
     full = [s for s in decode_steps if s[1] == max(b for _, b, _ in decode_steps)] if decode_steps else []
     result = {
-        "system": "vattn", "requests": len(prompts), "output_tokens": out_tokens, "seconds": elapsed,
+        "system": args.label, "kv_layers_per_tensor": layout.layers_per_tensor, **extra, "requests": len(prompts), "output_tokens": out_tokens, "seconds": elapsed,
         "output_tokens_per_s": out_tokens / elapsed, "device_memory_in_use_gib": peak / GIB,
         "weight_bytes": weight_bytes,
         "kv_pool_gib": engine.executor.worker.kv.num_page_groups * layout.page_group_bytes / GIB,
@@ -112,6 +118,17 @@ def run_vattn(args, prompts: list[list[int]]) -> dict:
         })
     llm.shutdown()
     return result
+
+
+def _profiled(engine, plan):
+    """One step under torch.profiler: where the decode step's GPU time goes, by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        out = engine.executor.execute(plan)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
+    print(table)
+    return out, table
 
 
 def _model(engine):
@@ -197,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--kv-layers-per-tensor", default="auto")
     ap.add_argument("--hf-batch", type=int, default=64)
-    ap.add_argument("--systems", default="vattn,hf,hf-cb")
+    ap.add_argument("--systems", default="vattn,hf,hf-cb", help="comma list of vattn, vattn-g1, hf, hf-cb")
+    ap.add_argument("--profile", action="store_true", help="print a kernel breakdown of one decode step")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -215,10 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         report["device"] = torch.cuda.get_device_name(device)
         report["hbm_copy_bytes_per_s"] = measure_copy_bandwidth(device)
-    runners = {"vattn": run_vattn, "hf": run_hf, "hf-cb": run_hf_cb}
+    runners = {"vattn": run_vattn, "vattn-g1": run_vattn, "hf": run_hf, "hf-cb": run_hf_cb}
     for name in args.systems.split(","):
         try:
-            report["results"].append(runners[name](args, prompts))
+            sys_args = argparse.Namespace(**vars(args), label=name)
+            if name == "vattn-g1":  # one layer per virtual tensor: the contiguous layout, for comparison
+                sys_args.kv_layers_per_tensor = 1
+            report["results"].append(runners[name](sys_args, prompts))
         except Exception as exc:  # noqa: BLE001 - one baseline failing must not lose the others
             logger.exception("%s failed", name)
             report["results"].append({"system": name, "error": f"{type(exc).__name__}: {exc}"})
@@ -234,14 +255,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _finish(report: dict) -> None:
     ours = next((r for r in report["results"] if r.get("system") == "vattn" and "error" not in r), None)
+    bw = report.get("hbm_copy_bytes_per_s")
     for r in report["results"]:
         if ours and "output_tokens_per_s" in r:
             r["ratio_vs_vattn"] = r["output_tokens_per_s"] / ours["output_tokens_per_s"]
-    bw = report.get("hbm_copy_bytes_per_s")
-    if ours and bw and "decode_step_ms_median" in ours:
-        roof_ms = ours["bytes_read_per_decode_step"] / bw * 1e3
-        ours["roofline_step_ms"] = roof_ms
-        ours["roofline_fraction"] = roof_ms / ours["decode_step_ms_median"]
+        if bw and "decode_step_ms_median" in r:
+            r["roofline_step_ms"] = r["bytes_read_per_decode_step"] / bw * 1e3
+            r["roofline_fraction"] = r["roofline_step_ms"] / r["decode_step_ms_median"]
 
 
 def render(report: dict) -> str:
@@ -253,14 +273,15 @@ def render(report: dict) -> str:
             continue
         lines.append(f"| {r['system']} | {r['output_tokens_per_s']:.0f} | {r.get('ratio_vs_vattn', 1):.2f} | "
                      f"{r['seconds']:.1f} | {r['device_memory_in_use_gib']:.1f} |")
-    ours = next((r for r in report["results"] if r.get("system") == "vattn" and "error" not in r), None)
-    if ours and "decode_step_ms_median" in ours:
-        lines.append("")
-        lines.append(f"decode step (batch {ours['decode_batch']}, median context {ours['decode_context_tokens_median']:.0f} "
-                     f"tokens in the batch): {ours['decode_step_ms_median']:.2f} ms")
-        if "roofline_step_ms" in ours:
-            lines.append(f"roofline at {report['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s: {ours['roofline_step_ms']:.2f} ms "
-                         f"-> {100 * ours['roofline_fraction']:.0f}% of the bandwidth limit")
+    for r in report["results"]:
+        if "decode_step_ms_median" not in r:
+            continue
+        line = (f"{r['system']}: decode step (batch {r['decode_batch']}, {r['decode_context_tokens_median']:.0f} "
+                f"context tokens in the batch) {r['decode_step_ms_median']:.2f} ms")
+        if "roofline_step_ms" in r:
+            line += (f"; roofline at {report['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s {r['roofline_step_ms']:.2f} ms "
+                     f"= {100 * r['roofline_fraction']:.0f}% of the bandwidth limit")
+        lines.append(line)
     return "\n".join(lines)
 
 
