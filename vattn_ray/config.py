@@ -58,6 +58,7 @@ class EngineConfig:
     parallel: ParallelConfig
     device: str  # resolved: "cpu" or "cuda"
     attention_backend: str  # resolved: "torch" | "flash_attn" | "sdpa"
+    enforce_eager: bool = False  # True: no CUDA-graph capture of decode steps
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,6 +86,7 @@ class EngineArgs:
     placement_strategy: str = "STRICT_PACK"
     accelerator_type: str | None = None
     seed: int = 0
+    enforce_eager: bool = False
     extra: dict = field(default_factory=dict)
 
     def resolve(self) -> EngineConfig:
@@ -128,6 +130,7 @@ class EngineArgs:
             parallel=ParallelConfig(self.tensor_parallel_size, self.placement_strategy, self.accelerator_type),
             device=device,
             attention_backend=backend,
+            enforce_eager=bool(self.enforce_eager),
         )
 
 

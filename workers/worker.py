@@ -56,6 +56,7 @@ class Worker:
         self.model = None
         self.kv = None
         self.group = None
+        self.graphs = None
 
     # ---- start-up -------------------------------------------------------------------------
     def init_device(self) -> None:
@@ -92,6 +93,7 @@ class Worker:
         from vattn_ray.attention import get_backend
 
         self.attention = get_backend(cfg.attention_backend)
+        self.graphs = self._capture_decode_graphs() if self._use_graphs() else None
         info = WorkerInfo(self.rank, layout, self.kv.num_page_groups, weight_bytes,
                           self.kv.num_page_groups * layout.page_group_bytes,
                           type(self.model).__name__, str(self.device))
@@ -101,6 +103,28 @@ class Worker:
                     layout.num_tensors, layout.layers_per_tensor, layout.max_slots,
                     layout.max_tokens_per_slot)
         return info
+
+    def _use_graphs(self) -> bool:
+        # Graphs need fixed input shapes and a kernel without host-side branching: FA2 via torch.
+        return (self.device.type == "cuda" and not self.config.enforce_eager
+                and self.config.attention_backend == "torch")
+
+    def _capture_decode_graphs(self):
+        from vattn_ray.scheduler.plan import KVOp
+        from workers.cuda_graph import DecodeGraphs
+
+        graphs = DecodeGraphs(self.model, self.kv.layer_kv, self.config.scheduler.max_num_seqs,
+                              self.kv.layout.max_tokens_per_slot, self.device)
+        # Capture reads and writes slot 0's first page group; map it for the capture only, so the
+        # pool is back in the state the scheduler expects (nothing mapped) afterwards.
+        failures = self.kv.apply([KVOp(0, 1)])
+        if failures:
+            raise RuntimeError(f"cannot map a page group to capture decode graphs: {failures[0].reason}")
+        try:
+            graphs.capture(lambda: graphs.fill_for_capture(slot=0))
+        finally:
+            self.kv.apply([KVOp(0, 0)])
+        return graphs
 
     def _kv_budget_bytes(self, layout: KVLayout) -> int:
         cfg = self.config.cache
@@ -151,11 +175,14 @@ class Worker:
     @torch.inference_mode()
     def _run_batch(self, plan: StepPlan) -> tuple:
         # One packed host->device copy carries ids, positions, slot mapping and sample rows.
-        meta = self.attention.build_metadata(plan.seqs, self.kv.layout.max_tokens_per_slot, self.device)
-        hidden = self.model(meta.input_ids, meta.positions, meta, self.kv.layer_kv)
-        if meta.sample_indices.numel() == 0:
-            return ()
-        logits = self.model.compute_logits(hidden.index_select(0, meta.sample_indices))
+        if self.graphs is not None and self.graphs.fits(plan.seqs):
+            logits = self.model.compute_logits(self.graphs.run(plan.seqs))  # every decode row samples
+        else:
+            meta = self.attention.build_metadata(plan.seqs, self.kv.layout.max_tokens_per_slot, self.device)
+            hidden = self.model(meta.input_ids, meta.positions, meta, self.kv.layer_kv)
+            if meta.sample_indices.numel() == 0:
+                return ()
+            logits = self.model.compute_logits(hidden.index_select(0, meta.sample_indices))
         if self.rank != 0:
             return ()
         chunks = [s for s in plan.seqs if s.sample]
