@@ -16,7 +16,29 @@ import json
 import torch
 
 from vattn_ray.attention import build_metadata, get_backend
+from vattn_ray.attention.base import flat_view
+from vattn_ray.attention.metadata import AttentionMetadata
 from vattn_ray.scheduler.plan import SeqChunk
+
+
+def decode_packed(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  meta: AttentionMetadata, state: dict, scale: float, group: int) -> torch.Tensor:
+    """Decode with GQA: the `group` query heads sharing a KV head become `group` query rows.
+
+    The varlen kernel otherwise runs one block per query head and reads each KV head `group`
+    times; packed, each KV head is read once. All rows sit at the same (last) position and see
+    the whole context, so the call is non-causal. Exact: only the order of work changes.
+    """
+    b, hq, d = q.shape
+    hkv = hq // group
+    cu_q = state.get(group)
+    if cu_q is None:
+        cu_q = state[group] = torch.arange(0, (b + 1) * group, group, dtype=torch.int32, device=q.device)
+    packed = q.view(b, hkv, group, d).transpose(1, 2).reshape(b * group, hkv, d)
+    out = torch.ops.aten._flash_attention_forward(
+        packed, flat_view(k_cache), flat_view(v_cache), cu_q, meta.cu_seqlens_k,
+        group, meta.max_seqlen_k, 0.0, False, False, scale=scale, seqused_k=meta.seq_lens)[0]
+    return out.view(b, group, hkv, d).transpose(1, 2).reshape(b, hq, d)
 
 
 def _time(fn, reps: int = 50) -> float:
@@ -42,11 +64,12 @@ def measure(batch: int, context: int, layers_per_tensor: int, heads: int, kv_hea
     q = torch.randn(batch, heads, dim, dtype=torch.bfloat16, device=dev)
     backend = get_backend("torch")
     scale = dim ** -0.5
-    packed_state = backend.prepare(meta)  # decode-only: the packed path
+    state: dict = {}
+    group = heads // kv_heads
     plain = _time(lambda: backend.attend(q, k_cache, v_cache, meta, None, scale))
-    packed = _time(lambda: backend.attend(q, k_cache, v_cache, meta, packed_state, scale))
+    packed = _time(lambda: decode_packed(q, k_cache, v_cache, meta, state, scale, group))
     a = backend.attend(q, k_cache, v_cache, meta, None, scale)
-    b = backend.attend(q, k_cache, v_cache, meta, packed_state, scale)
+    b = decode_packed(q, k_cache, v_cache, meta, state, scale, group)
     kv_bytes = 2 * batch * (context + 1) * kv_heads * dim * 2
     return {"batch": batch, "context": context, "G": layers_per_tensor, "plain_us": plain, "packed_us": packed,
             "plain_TBps": kv_bytes / plain / 1e6, "packed_TBps": kv_bytes / packed / 1e6,
