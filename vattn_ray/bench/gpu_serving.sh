@@ -2,6 +2,7 @@
 # Serving benchmark on a GPU machine: `serve run` of deploy/config.gpu.yaml with a
 # Llama-3-8B-shaped random checkpoint, then Poisson streaming load at several rates.
 # Usage: bash vattn_ray/bench/gpu_serving.sh OUT_DIR [CHECKPOINT_DIR] [RATES]
+# (SERVE="python3 -m ray.serve.scripts" where the `serve` command is not on PATH.)
 set -uo pipefail
 out="${1:?output folder}"
 ckpt="${2:-/tmp/vattn-llama3-8b}"
@@ -14,7 +15,7 @@ b('$ckpt', 'llama', preset='llama-3-8b', dtype='bfloat16')"
 sed -e "s#model: /models/Meta-Llama-3-8B-Instruct#model: $ckpt#" \
     -e "s#placement_wait_s: 600#placement_wait_s: 30#" deploy/config.gpu.yaml > "$out/config.gpu.yaml"
 start=$(date +%s)
-setsid serve run "$out/config.gpu.yaml" > "$out/serve.log" 2>&1 &
+setsid ${SERVE:-serve} run "$out/config.gpu.yaml" > "$out/serve.log" 2>&1 &
 server=$!
 for _ in $(seq 1 180); do
     curl -sf localhost:8000/health > /dev/null && break
