@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -149,44 +150,62 @@ class RayExecutor(Executor):
             raise WorkerFailed(self.failure) from exc
 
     def _describe(self, exc: BaseException) -> str:
-        """One line for operators: which rank (and process) failed, and how."""
+        """One line for operators: which rank (and process) failed, and how.
+
+        When a rank dies, its peers blocked in a collective with it fail too (gloo: "connection
+        reset"), and their error may reach the head first; so the dead rank is looked for before
+        blaming the rank that raised.
+        """
         import ray
 
         if isinstance(exc, ray.exceptions.GetTimeoutError):
             return (f"a tensor-parallel step did not finish in {STEP_TIMEOUT_S:.0f} s "
                     "(VATTN_RAY_STEP_TIMEOUT_S): a worker is stuck")
-        ranks = self._failed_ranks(exc)
-        who = ", ".join(f"rank {r} (pid {self.pids[r] if r < len(self.pids) else '?'})"
-                        for r in ranks) or "a worker"
+        named = self._rank_of(exc)
+        if isinstance(exc, ray.exceptions.RayActorError) and named is not None:
+            dead = [named]
+        else:
+            dead = self._dead_ranks(timeout_s=5.0)
+        what = (repr(exc.cause) if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause
+                else f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+        if not dead:
+            return f"tensor-parallel worker {self._who(named)} raised: {what}"
+        msg = f"tensor-parallel worker {', '.join(self._who(r) for r in dead)} died"
         if isinstance(exc, ray.exceptions.RayActorError):
-            detail = str(exc).strip().splitlines()[0]
-            return f"tensor-parallel worker {who} died: {detail}"
-        if isinstance(exc, ray.exceptions.RayTaskError):
-            return f"tensor-parallel worker {who} raised: {exc.cause!r}" if exc.cause else \
-                f"tensor-parallel worker {who} raised: {exc}"
-        verb = "died" if ranks else "failed"  # ranks found by asking: their actors are gone
-        return f"tensor-parallel worker {who} {verb}: {type(exc).__name__}: {exc}"
+            return f"{msg}: {str(exc).strip().splitlines()[0]}"
+        return f"{msg} ({self._who(named)} then failed: {what})"
 
-    def _failed_ranks(self, exc: BaseException) -> list[int]:
-        """The ranks named by `exc`, else the ranks whose actors no longer answer as alive."""
-        import ray
+    def _who(self, rank: int | None) -> str:
+        if rank is None:
+            return "a worker"
+        return f"rank {rank} (pid {self.pids[rank] if rank < len(self.pids) else '?'})"
 
+    def _rank_of(self, exc: BaseException) -> int | None:
+        """The rank an exception names, by actor id or by process id."""
         ids = [w._actor_id.hex() for w in self.workers]
         actor_id = getattr(exc, "actor_id", None)
         if actor_id in ids:
-            return [ids.index(actor_id)]
-        # A channel error names nobody: ask each actor; a dead one answers at once with an error.
-        # (A live one may be busy in the graph's loop; waiting a moment on it is fine here.)
-        refs = [w.pid.remote() for w in self.workers]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
-        dead = []
-        for rank, ref in enumerate(refs):
-            if ref in ready:
+            return ids.index(actor_id)
+        pid = getattr(exc, "pid", None)
+        return self.pids.index(pid) if pid in self.pids else None
+
+    def _dead_ranks(self, timeout_s: float) -> list[int]:
+        """Ranks whose actors are gone: a call to a dead actor fails as soon as Ray knows it died,
+        while a live rank may not answer at all (busy in the graph's loop), hence the time limit."""
+        import ray
+
+        pending = {w.pid.remote(): rank for rank, w in enumerate(self.workers)}
+        dead: list[int] = []
+        deadline = time.monotonic() + timeout_s
+        while pending and not dead and (left := deadline - time.monotonic()) > 0:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
+            for ref in ready:
+                rank = pending.pop(ref)
                 try:
                     ray.get(ref, timeout=0)
                 except ray.exceptions.RayError:
                     dead.append(rank)
-        return dead
+        return sorted(dead)
 
     def execute(self, plan: StepPlan) -> StepOutput:
         outs = self._run_all(plan)
