@@ -216,8 +216,16 @@ class Worker:
         return self.rank
 
     def shutdown(self) -> None:
+        """Release the KV pool, graphs and weights, so the process can build another engine."""
         if self.kv is not None:
+            self.kv.wait_prefetch()
             self.kv.close()
             self.kv = None
+        self.graphs = self.model = None
+        if self.device.type == "cuda":
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()  # the caching allocator would keep the weights' memory
         if self.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
