@@ -236,6 +236,14 @@ class RayExecutor(Executor):
                     ray.kill(w)
                 except Exception:  # noqa: BLE001 - already dead
                     pass
+        elif self.workers:
+            # Healthy group: each rank releases its KV pool, graphs and weights before it is
+            # killed. ray.kill returns before the process is gone, so without this a new engine
+            # started right after would still find this one's GPU memory in use.
+            try:
+                self._run_all(("shutdown", ()))
+            except WorkerFailed:
+                logger.warning("a worker failed while shutting down", exc_info=True)
         if self.graph is not None:
             try:
                 self.graph.teardown()
