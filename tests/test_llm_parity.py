@@ -165,3 +165,24 @@ def vocab_of(path: str) -> int:
     from vattn_ray.config import read_hf_config
 
     return int(read_hf_config(path)["vocab_size"])
+
+
+def test_fragmentation_stat_matches_the_shard(checkpoints):
+    """The head's fragmentation figure (from the scheduler's books) equals the KV manager's own."""
+    path = checkpoints["llama"]
+    llm = LLM(model=path, device="cpu", dtype="float32", page_bytes=PAGE, max_model_len=256)
+    try:
+        engine = llm.engine
+        for i, n in enumerate((37, 5, 90)):
+            engine.add_request(f"f{i}", [7] * n, SamplingParams(max_tokens=8, temperature=0))
+        engine.step()
+        engine.step()
+        stats = engine.stats()
+        live = {engine.scheduler._requests[r].slot: engine.scheduler._requests[r].num_computed
+                for r in ("f0", "f1", "f2")}
+        shard = engine.executor.kv_stats(live)
+        assert stats["live_tokens"] == sum(live.values()) > 0
+        assert 0.0 < stats["kv_fragmentation"] < 1.0
+        assert abs(stats["kv_fragmentation"] - shard.fragmentation) < 1e-9
+    finally:
+        llm.shutdown()

@@ -239,6 +239,11 @@ class LLMEngine:
         s = self.scheduler.stats
         out = dataclasses.asdict(s) if dataclasses.is_dataclass(s) else dict(s)
         out["num_steps"] = self.num_steps
+        # Internal fragmentation: mapped KV bytes (idle slots' kept pages included) not holding a
+        # live token. Computed from the scheduler's books: no round trip to the workers.
+        mapped = out["num_groups_mapped"] * self.layout.page_group_bytes
+        live = out["live_tokens"] * self.layout.token_bytes * self.layout.num_tensors
+        out["kv_fragmentation"] = 1.0 - live / mapped if mapped else 0.0
         return out
 
     def shutdown(self) -> None:

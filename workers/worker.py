@@ -206,10 +206,11 @@ class Worker:
 
     # ---- checks and shutdown ---------------------------------------------------------------
     def check_integrity(self, expected: dict[int, int]) -> None:
-        self.kv.wait_prefetch()
+        self.kv.join_prefetch()
         self.kv.check_integrity(expected)
 
     def kv_stats(self, live_tokens: dict[int, int] | None = None):
+        self.kv.join_prefetch()
         return self.kv.stats(live_tokens)
 
     def ping(self) -> int:

@@ -159,6 +159,10 @@ class KVManager:
         failures, self._prefetch_failures = self._prefetch_failures, []
         return failures
 
+    def join_prefetch(self) -> None:
+        """Wait for a pending prefetch without taking its failures (the next step still reports them)."""
+        self._join()
+
     def _join(self) -> None:
         pending, self._pending = self._pending, None
         if pending is not None:

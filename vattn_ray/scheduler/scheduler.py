@@ -55,6 +55,8 @@ class SchedulerStats:
     capacity_groups: int
     num_steps: int
     num_kv_failures: int
+    live_tokens: int = 0  # tokens in the KV cache of running requests
+
 
 
 class _Step:
@@ -476,7 +478,8 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         s = self._slots
         return SchedulerStats(len(self._running), len(self._waiting), self._num_preemptions, s.total_mapped,
-                              s.free_groups, s.idle_groups, s.capacity, self._step, self._num_kv_failures)
+                              s.free_groups, s.idle_groups, s.capacity, self._step, self._num_kv_failures,
+                              sum(r.num_computed for r in self._running.values()))
 
     def check_integrity(self) -> None:
         """Raise AssertionError if queues, slot table and page accounting disagree."""
