@@ -14,6 +14,7 @@ import torch
 
 from vattn_ray import LLM, SamplingParams
 from vattn_ray.model.builder import build_random_checkpoint
+from hf_reference import hf_greedy
 
 PAGE = 4096
 MAX_TOKENS = 20
@@ -29,25 +30,6 @@ def checkpoints(tmp_path_factory):
 def _prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
-
-
-_HF_CACHE: dict = {}
-
-
-def hf_greedy(path: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """transformers' own greedy generation, one prompt at a time (no padding effects)."""
-    from transformers import AutoModelForCausalLM
-
-    if path not in _HF_CACHE:
-        _HF_CACHE[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    model = _HF_CACHE[path]
-    outs = []
-    for p in prompts:
-        with torch.no_grad():
-            seq = model.generate(torch.tensor([p]), max_new_tokens=max_tokens, do_sample=False,
-                                 attention_mask=torch.ones(1, len(p), dtype=torch.long))
-        outs.append(seq[0, len(p):].tolist())
-    return outs
 
 
 def run_llm(path: str, prompts, **kwargs):

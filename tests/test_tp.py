@@ -26,6 +26,7 @@ from vattn_ray.executor import WorkerFailed
 from vattn_ray.layout import KVLayout
 from vattn_ray.model.builder import build_random_checkpoint
 from workers.worker import Worker, WorkerInfo
+from hf_reference import hf_greedy
 
 PAGE = 4096  # small host pages: every prompt crosses page boundaries
 MAX_TOKENS = 20
@@ -68,20 +69,6 @@ def _greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
 def _tp1_greedy(path: str, prompts: list[list[int]]) -> list[list[int]]:
     with LLM(model=path, **ENGINE) as llm:
         return _greedy(llm, prompts)
-
-
-def _hf_greedy(path: str, prompts: list[list[int]]) -> list[list[int]]:
-    """transformers' own greedy generation in float32, one prompt at a time."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    outs = []
-    for p in prompts:
-        with torch.no_grad():
-            seq = model.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False,
-                                 attention_mask=torch.ones(1, len(p), dtype=torch.long))
-        outs.append(seq[0, len(p):].tolist())
-    return outs
 
 
 def _assert_shards_in_lockstep(llm: LLM) -> None:
@@ -128,7 +115,7 @@ def test_llama_gqa_tp2_matches_tp1_and_transformers(ckpts):
         _assert_shards_in_lockstep(llm)
         assert llm.engine.stats()["num_steps"] > MAX_TOKENS  # 129 tokens in 64-token chunks
     assert ours == _tp1_greedy(path, prompts)
-    assert ours == _hf_greedy(path, prompts)
+    assert ours == hf_greedy(path, prompts, MAX_TOKENS)
 
 
 def test_qwen3_tp2_under_forced_preemption_matches(ckpts):
@@ -146,7 +133,7 @@ def test_qwen3_tp2_under_forced_preemption_matches(ckpts):
         _assert_shards_in_lockstep(llm)
         assert llm.engine.stats()["num_preemptions"] > 0
     assert ours == _tp1_greedy(path, prompts)
-    assert ours == _hf_greedy(path, prompts)
+    assert ours == hf_greedy(path, prompts, MAX_TOKENS)
 
 
 def test_fewer_kv_heads_than_ranks_replicates_the_kv_head(ckpts):
@@ -158,7 +145,7 @@ def test_fewer_kv_heads_than_ranks_replicates_the_kv_head(ckpts):
         ours = _greedy(llm, prompts)
         _assert_shards_in_lockstep(llm)
     assert ours == _tp1_greedy(path, prompts)
-    assert ours == _hf_greedy(path, prompts)
+    assert ours == hf_greedy(path, prompts, MAX_TOKENS)
 
 
 # ---- start-up ------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch
 from vattn_ray.kvcache.manager import KVManager
 from vattn_ray.layout import KVLayout
 from vattn_ray.scheduler.plan import KVOp
+from vattn_ray.bench import fill_device_defaults
 
 MIB = 1 << 20
 
@@ -48,12 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--step-ms", type=float, default=None, help="compute per step (cuda 4, cpu 3)")
     p.add_argument("--out", help="also write the results as JSON here")
     args = p.parse_args(argv)
-    cuda = args.device == "cuda"
-    for name, on_cuda, on_cpu in (("layers_per_tensor", "1,8,32", "1,32"), ("map_mib", 8192, 512),
-                                  ("batch", 32, 4), ("context", 1024, 64), ("steps", 256, 48),
-                                  ("step_ms", 4.0, 3.0)):
-        if getattr(args, name) is None:
-            setattr(args, name, on_cuda if cuda else on_cpu)
+    fill_device_defaults(args, args.device == "cuda", {
+        "layers_per_tensor": ("1,8,32", "1,32"), "map_mib": (8192, 512), "batch": (32, 4),
+        "context": (1024, 64), "steps": (256, 48), "step_ms": (4.0, 3.0)})
     args.gs = [int(g) for g in str(args.layers_per_tensor).split(",")]
     return args
 

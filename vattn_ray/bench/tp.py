@@ -35,6 +35,7 @@ from vattn_ray.config import EngineArgs, read_hf_config
 from vattn_ray.engine import LLMEngine
 from vattn_ray.sampling_params import SamplingParams
 from vattn_ray.scheduler.plan import KVOp, NewRequest, SeqChunk, StepPlan
+from vattn_ray.bench import fill_device_defaults
 
 LLAMA8B_DIR = "/tmp/vattn-llama3-8b"
 PROBE = "bench-probe"  # the request id of the one-token overhead plans
@@ -58,12 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the results as JSON here")
     args = p.parse_args(argv)
-    cuda = args.device == "cuda"
-    for name, on_cuda, on_cpu in (("dtype", "bfloat16", "float32"), ("overhead_steps", 500, 50),
-                                  ("num_requests", 128, 8), ("input_len", 512, 32), ("output_len", 128, 16),
-                                  ("allreduce_iters", 50, 5)):
-        if getattr(args, name) is None:
-            setattr(args, name, on_cuda if cuda else on_cpu)
+    fill_device_defaults(args, args.device == "cuda", {
+        "dtype": ("bfloat16", "float32"), "overhead_steps": (500, 50), "num_requests": (128, 8),
+        "input_len": (512, 32), "output_len": (128, 16), "allreduce_iters": (50, 5)})
     args.tps = [int(t) for t in args.tp.split(",")]
     return args
 
