@@ -19,6 +19,7 @@ from vattn_ray.kvcache import HostVMM, KVManager
 from vattn_ray.layout import KVLayout
 from vattn_ray.sampling_params import SamplingParams
 from vattn_ray.scheduler import SampledToken, Scheduler, StepOutput, StepPlan
+from test_scheduler import reference
 
 VOCAB = 50  # small, so EOS and stop tokens are hit now and then
 MAX_MODEL_LEN = 40
@@ -31,21 +32,6 @@ assert LAYOUT.groups_for_tokens(TOKENS_PER_GROUP) == 1 and LAYOUT.groups_for_tok
 
 def model(tokens: list[int]) -> int:
     return (sum((i + 1) * t for i, t in enumerate(tokens)) * 31 + len(tokens)) % VOCAB
-
-
-def reference(prompt: list[int], params: SamplingParams, eos: tuple[int, ...]):
-    tokens, out = list(prompt), []
-    while True:
-        t = model(tokens)
-        tokens.append(t)
-        out.append(t)
-        if len(out) >= params.min_tokens:
-            if t in eos and not params.ignore_eos:
-                return out, ("stop", None)
-            if t in params.stop_token_ids:
-                return out, ("stop", t)
-        if len(out) >= params.max_tokens:
-            return out, ("length", None)
 
 
 class KVWorker:
@@ -184,9 +170,9 @@ def _run(sched, worker, kv, config, requests, events, overstated):
     assert not sched.has_unfinished(), "requests left unfinished: the scheduler stopped making progress"
 
     for req_id, prompt, params, eos in requests:
-        expected, how = reference(prompt, params, eos)
+        expected, *how = reference(prompt, params, eos, model=model)
         if req_id in ended:
             assert outputs[req_id] == expected[:len(outputs[req_id])]
         else:
             assert outputs[req_id] == expected, f"{req_id}: tokens differ from the reference"
-            assert finished[req_id] == how
+            assert finished[req_id] == tuple(how)
