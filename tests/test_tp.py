@@ -22,6 +22,7 @@ from vattn_ray import LLM, SamplingParams
 from vattn_ray.async_engine import AsyncLLMEngine, EngineDeadError
 from vattn_ray.config import EngineArgs
 from vattn_ray.engine import LLMEngine, _agreed_layout
+from vattn_ray.bench import pid_alive
 from vattn_ray.executor import WorkerFailed
 from vattn_ray.layout import KVLayout
 from vattn_ray.model.builder import build_random_checkpoint
@@ -89,14 +90,6 @@ def _wait_for(condition, timeout: float = 15.0) -> bool:
             return True
         time.sleep(0.1)
     return condition()
-
-
-def _process_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def _cluster_idle() -> bool:
@@ -204,7 +197,7 @@ def test_rank1_killed_mid_generate_raises_worker_failed_promptly(ckpts):
     finally:
         killer.join()
         llm.shutdown()
-    assert _wait_for(lambda: _process_gone(pids[0])), "rank 0 outlived shutdown"
+    assert _wait_for(lambda: not pid_alive(pids[0])), "rank 0 outlived shutdown"
     assert _wait_for(_cluster_idle), f"group not released: {ray.available_resources()}"
 
 
@@ -247,5 +240,5 @@ def test_rank1_killed_under_async_engine_fails_streams_and_health(ckpts):
             asyncio.run(asyncio.wait_for(late_request(), 10))
     finally:
         engine.shutdown()
-    assert _wait_for(lambda: _process_gone(pids[0])), "rank 0 outlived shutdown"
+    assert _wait_for(lambda: not pid_alive(pids[0])), "rank 0 outlived shutdown"
     assert _wait_for(_cluster_idle), f"group not released: {ray.available_resources()}"

@@ -20,6 +20,7 @@ import ray
 import torch
 
 from vattn_ray import LLM, SamplingParams
+from vattn_ray.bench import pid_alive
 from vattn_ray.executor import WorkerFailed
 from vattn_ray.model.builder import build_random_checkpoint
 from vattn_ray.ray_executor import WORKER_ENV
@@ -185,17 +186,9 @@ def test_rank1_killed_under_nccl_fails_fast(bf16_checkpoint):
         llm.shutdown()
         print(f"shutdown after the failure took {time.monotonic() - t0:.2f} s")
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and _alive(pids[0]):
+    while time.monotonic() < deadline and pid_alive(pids[0]):
         time.sleep(0.1)
-    assert not _alive(pids[0]), "rank 0 (blocked in NCCL) outlived shutdown"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    assert not pid_alive(pids[0]), "rank 0 (blocked in NCCL) outlived shutdown"
 
 
 def test_llama3_8b_shaped_tp2_loads_and_generates():

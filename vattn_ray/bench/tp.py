@@ -35,7 +35,7 @@ from vattn_ray.config import EngineArgs, read_hf_config
 from vattn_ray.engine import LLMEngine
 from vattn_ray.sampling_params import SamplingParams
 from vattn_ray.scheduler.plan import KVOp, NewRequest, SeqChunk, StepPlan
-from vattn_ray.bench import fill_device_defaults
+from vattn_ray.bench import fill_device_defaults, pid_alive
 
 LLAMA8B_DIR = "/tmp/vattn-llama3-8b"
 PROBE = "bench-probe"  # the request id of the one-token overhead plans
@@ -213,19 +213,11 @@ def _stop(engine: LLMEngine) -> None:
     engine.shutdown()
     deadline = time.monotonic() + 60
     while pids and time.monotonic() < deadline:
-        pids = [p for p in pids if _alive(p)]
+        pids = [p for p in pids if pid_alive(p)]
         time.sleep(0.1)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _run_group(args: argparse.Namespace, path: str, vocab: int, tp: int, path_kind: str) -> dict:
