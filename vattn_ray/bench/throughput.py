@@ -67,7 +67,7 @@ def run_vattn(args, prompts: list[list[int]]) -> dict:
               gpu_memory_utilization=args.gpu_memory_utilization,
               kv_layers_per_tensor=args.kv_layers_per_tensor)
     engine = llm.engine
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args)
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm-up
     for i, p in enumerate(prompts):
@@ -144,12 +144,23 @@ def _embedding_bytes(engine) -> int:
     return sum(p.numel() * p.element_size() for p in emb.parameters())
 
 
-def run_hf(args, prompts: list[list[int]]) -> dict:
+def _device(args) -> torch.device:
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
+def _load_hf(args, device: torch.device):
+    """The same checkpoint through transformers' own loader (sdpa attention, bench dtype)."""
     from transformers import AutoModelForCausalLM
 
-    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype if args.dtype != "auto" else "bfloat16")
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+
+
+def run_hf(args, prompts: list[list[int]]) -> dict:
+    device = _device(args)
+    model = _load_hf(args, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     kw = dict(max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False)
@@ -175,11 +186,10 @@ def run_hf(args, prompts: list[list[int]]) -> dict:
 
 
 def run_hf_cb(args, prompts: list[list[int]]) -> dict:
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
-    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype if args.dtype != "auto" else "bfloat16")
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    device = _device(args)
+    model = _load_hf(args, device)
     if not hasattr(model, "generate_batch"):
         return {"system": "hf continuous batching", "error": "this transformers has no generate_batch"}
     cfg = GenerationConfig(max_new_tokens=args.output_len, do_sample=False, eos_token_id=-1)
@@ -228,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         args.kv_layers_per_tensor = int(args.kv_layers_per_tensor)
     vocab = int(read_hf_config(args.model)["vocab_size"])
     prompts = make_prompts(args.num_requests, args.input_len, vocab)
-    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = _device(args)
     report: dict = {"config": vars(args).copy(), "results": []}
     if device.type == "cuda":
         report["device"] = torch.cuda.get_device_name(device)
