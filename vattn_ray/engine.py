@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vattn_ray.config import EngineArgs, EngineConfig, read_hf_config
@@ -50,6 +51,23 @@ class _Request:
         return all(s.output.finished for s in self.seqs)
 
 
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One processed step, for benchmarks and metrics (`LLMEngine.step_observers`)."""
+
+    step: int
+    num_seqs: int
+    num_tokens: int  # new tokens computed in the step
+    num_decode: int  # rows computing exactly one token
+    context_tokens: int  # tokens attended by all rows after the step
+    executed: bool
+    done_at: float  # time.perf_counter() when its output reached the head
+
+    @property
+    def decode_only(self) -> bool:
+        return self.num_seqs > 0 and self.num_decode == self.num_seqs
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -77,6 +95,8 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.seq_of: dict[str, _Sequence] = {}  # scheduler request id -> sequence
         self.num_steps = 0
+        # Called with a `StepRecord` after every processed step (timing hooks for benchmarks).
+        self.step_observers: list[Callable[[StepRecord], None]] = []
         info = infos[0]
         logger.info("engine ready: %s on %s x%d, weights %.2f GiB/rank, KV pool %.2f GiB/rank "
                     "(%d page groups, %.1f tokens each), %d slots, max_model_len %d",
@@ -163,6 +183,8 @@ class LLMEngine:
     def process(self, plan: StepPlan, out: StepOutput) -> list[RequestOutput]:
         """Take a step's output into the scheduler; build the outputs it produced."""
         self.num_steps += 1
+        if self.step_observers:
+            self._observe(plan, out)
         touched: dict[str, _Request] = {}
         now = time.monotonic()
         for upd in self.scheduler.update(plan, out):
@@ -182,6 +204,13 @@ class LLMEngine:
             if req.finished:
                 self.requests.pop(req.request_id, None)
         return outputs
+
+    def _observe(self, plan: StepPlan, out: StepOutput) -> None:
+        rec = StepRecord(plan.step, len(plan.seqs), plan.num_tokens,
+                         sum(1 for s in plan.seqs if len(s.token_ids) == 1),
+                         sum(s.end for s in plan.seqs), out.executed, time.perf_counter())
+        for fn in self.step_observers:
+            fn(rec)
 
     def _append(self, seq: _Sequence, upd) -> None:
         o = seq.output
