@@ -177,6 +177,10 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
+    def has_work(self) -> bool:
+        """Whether the next plan would be non-empty: requests, or announcements still to send."""
+        return bool(self._requests or self._to_release or self._reassert)
+
     # ---------------------------------------------------------------- planning
 
     def can_schedule(self) -> bool:
