@@ -207,7 +207,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = heads // kv_heads
     cfg = config or default_config(dim, q.dtype)
     if num_splits is None:
-        sms = sm_count(q.device.index or 0) if q.is_cuda else 8
+        # The CPU interpreter runs one program at a time: count it as two SMs, for a few splits.
+        sms = sm_count(q.device.index or 0) if q.is_cuda else 2
         num_splits = choose_num_splits(nrows, kv_heads, sms)
     direct = num_splits == 1
     if direct:
