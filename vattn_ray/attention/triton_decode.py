@@ -83,7 +83,9 @@ def _split_len(seq_len, num_splits, BLOCK_N: tl.constexpr):
     return tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N), 1) * BLOCK_N
 
 
-@triton.jit
+# Counts are not specialized on (Triton would compile a variant for 1 and for multiples of 16):
+# fewer variants, less compile time at engine start.
+@triton.jit(do_not_specialize=["num_q_heads", "num_splits"])
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     slots_ptr, seq_lens_ptr, rows_ptr,
@@ -155,12 +157,13 @@ def _decode_split_kernel(
         tl.store(part_lse_ptr + part, m_i + tl.log2(l_safe), mask=keep)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_q_heads", "num_splits"])
 def _decode_merge_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr, rows_ptr,
     stride_ot, stride_oh, num_q_heads, num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS_PAD: tl.constexpr, HAS_ROWS: tl.constexpr,
 ):
+    # SPLITS_PAD is always MAX_SPLITS: one compiled variant for every split count.
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
@@ -232,6 +235,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if not direct:
         _decode_merge_kernel[(nrows, heads)](
             out, part_out, part_lse, seq_lens, rows_arg, out.stride(0), out.stride(1), heads, num_splits,
-            HEAD_DIM=dim, BLOCK_N=cfg.block_n, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            HEAD_DIM=dim, BLOCK_N=cfg.block_n, SPLITS_PAD=triton.next_power_of_2(max(num_splits, MAX_SPLITS)),
             HAS_ROWS=has_rows, num_warps=4 if dim >= 128 else 2)
     return out
