@@ -31,7 +31,7 @@ class AppArgs(BaseModel):
     kv_layers_per_tensor: int | Literal["auto"] = "auto"
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     kv_cache_memory_bytes: int | None = Field(None, ge=1)
-    attention_backend: Literal["auto", "torch", "flash_attn", "sdpa"] = "auto"
+    attention_backend: Literal["auto", "triton", "torch", "flash_attn", "sdpa"] = "auto"
     seed: int = 0
     # --- placement (see placement/)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "STRICT_PACK"

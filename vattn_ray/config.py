@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-ATTENTION_BACKENDS = ("auto", "torch", "flash_attn", "sdpa")
+ATTENTION_BACKENDS = ("auto", "triton", "torch", "flash_attn", "sdpa")
 MIB = 1 << 20
 
 
@@ -59,7 +59,7 @@ class EngineConfig:
     scheduler: SchedulerConfig
     parallel: ParallelConfig
     device: str  # resolved: "cpu" or "cuda"
-    attention_backend: str  # resolved: "torch" | "flash_attn" | "sdpa"
+    attention_backend: str  # resolved: "triton" | "torch" | "flash_attn" | "sdpa"
     enforce_eager: bool = False  # True: no CUDA-graph capture of decode steps
 
     def to_dict(self) -> dict:
@@ -121,9 +121,11 @@ class EngineArgs:
             raise ValueError(f"page_bytes={page_bytes} must be a positive multiple of the OS page size")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
-        backend = self.attention_backend
-        if backend == "auto":
-            backend = "torch" if device == "cuda" else "sdpa"
+        from vattn_ray.attention import resolve_backend
+
+        heads = int(hf["num_attention_heads"])
+        head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // heads)
+        backend = resolve_backend(self.attention_backend, device, head_dim)
         return EngineConfig(
             model=ModelConfig(model, dtype, max_model_len, self.seed, self.tokenizer),
             cache=CacheConfig(layers_per_tensor, page_bytes, self.gpu_memory_utilization,

@@ -126,9 +126,10 @@ class Worker:
         return info
 
     def _use_graphs(self) -> bool:
-        # Graphs need fixed input shapes and a kernel without host-side branching: FA2 via torch.
+        # Graphs need fixed input shapes and kernels without host-side branching: FA2 via torch,
+        # or the Triton decode kernel (its grid depends on the batch size only).
         return (self.device.type == "cuda" and not self.config.enforce_eager
-                and self.config.attention_backend == "torch")
+                and self.config.attention_backend in ("torch", "triton"))
 
     def _capture_decode_graphs(self):
         from vattn_ray.scheduler.plan import KVOp
