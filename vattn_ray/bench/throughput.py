@@ -63,6 +63,10 @@ METHODS = {
     "prefill": "prefill_tflops_per_s = prefill_flops / seconds; prefill_flops = 2 * (params - embedding - "
                "lm_head) * prompt tokens + 2 * vocab * hidden per request + 2 * layers * q_heads * head_dim * "
                "sum(L * (L + 1)) (causal QK^T and PV), from the checkpoint's safetensors headers",
+    "profile": "--profile: torch.profiler over a window of decode steps of the first throughput workload, "
+               "started and stopped from step observers; those steps are left out of the step timings, but "
+               "the workload's wall time includes the profiler's cost: take headline throughput from a run "
+               "without --profile. `table` is the profiler's text as printed, `kernels` the same rows as data",
     "roofline": "bytes one decode step must read (streamed weights + KV of the context tokens) / "
                 "(hbm_copy_bytes_per_s * tp)",
 }

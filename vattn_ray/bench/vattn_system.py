@@ -98,22 +98,27 @@ class ProfileWindow:
     def _stop(self, rec: StepRecord) -> None:
         self.prof.stop()
         events = self.prof.key_averages()
-        dev = "device" if hasattr(events[0], "self_device_time_total") else "cuda"
-        sort_key = f"self_{dev}_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        cuda = torch.cuda.is_available()
         rows = [{"name": e.key, "count": e.count,
-                 "self_device_time_total_us": getattr(e, f"self_{dev}_time_total"),
-                 "device_time_total_us": getattr(e, f"{dev}_time_total"),
+                 "self_device_time_total_us": _device_time(e, "self_"), "device_time_total_us": _device_time(e, ""),
                  "self_cpu_time_total_us": e.self_cpu_time_total, "cpu_time_total_us": e.cpu_time_total}
                 for e in events]
-        rows.sort(key=lambda r: r["self_device_time_total_us" if torch.cuda.is_available()
-                                  else "self_cpu_time_total_us"], reverse=True)
+        own = "self_device_time_total_us" if cuda else "self_cpu_time_total_us"
+        rows.sort(key=lambda r: r[own], reverse=True)
+        sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"  # torch maps cuda -> device
         self.result = {
             "steps": self.steps, "batch": rec.num_seqs, "context_tokens": rec.context_tokens,
             "device_time_us_per_step": sum(r["self_device_time_total_us"] for r in rows) / self.steps,
-            "table": events.table(sort_by=sort_key, row_limit=25, max_name_column_width=80),
-            "kernels": rows[:60],
+            "table": events.table(sort_by=sort_by, row_limit=25, max_name_column_width=80),
+            "kernels": rows[:60],  # the same numbers as the table, sorted by own time, as data
         }
         self.prof = None
+
+
+def _device_time(event, prefix: str) -> float:
+    """Device (GPU) time of a profiler row; older torch names it cuda_time."""
+    value = getattr(event, f"{prefix}device_time_total", None)
+    return getattr(event, f"{prefix}cuda_time_total", 0) if value is None else value
 
 
 class VattnSystem:

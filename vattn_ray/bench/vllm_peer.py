@@ -160,7 +160,8 @@ def launch(jobs: list[dict], engine: dict, out_path: str, *, peer_env: str | Non
 
     `engine` holds "model" and the ENGINE_OPTIONS. The child gets its own process group, which is
     killed once the script has exited (or timed out), so vLLM's engine processes cannot outlive it
-    and hold GPU memory the next system needs. A child that dies without a result is reported as
+    and hold GPU memory the next system needs (a group, not a session: whoever stops this process's
+    session stops the peer too). A child that dies without a result is reported as
     an error, never as unavailable.
     """
     if peer_env is not None and not os.path.isfile(peer_env):
@@ -175,7 +176,7 @@ def launch(jobs: list[dict], engine: dict, out_path: str, *, peer_env: str | Non
                "--model", engine["model"], *engine_argv(engine)]
         if peer_env is not None:
             cmd = ["bash", "-c", 'source "$0" && exec "$@"', peer_env, *cmd]
-        proc = subprocess.Popen(cmd, start_new_session=True)
+        proc = subprocess.Popen(cmd, process_group=0)
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
