@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import random
 import statistics
 
@@ -38,7 +37,7 @@ def run(tmp_path_factory, tiny):
     argv = ["throughput", "--model", tiny, "--systems", "vattn,vllm", "--workloads", "fixed,mixed,prefill",
             "--num-requests", "4", "--input-len", "24", "--output-len", "30", "--mixed-requests", "6",
             "--mixed-max-len", "48", "--prefill-requests", "2", "--prefill-len", "96",
-            "--decode-latency", "1,3", "--decode-context", "40", "--decode-steps", "6",
+            "--decode-latency", "1,3", "--decode-context", "40", "--decode-steps", "40",
             "--max-num-seqs", "8", "--max-num-batched-tokens", "64", "--profile", "--profile-steps", "2",
             "--out", str(out)]
     assert bench_main(argv) == 0
@@ -68,9 +67,9 @@ def test_vattn_records_have_every_field(run):
     for b in (1, 3):
         r = ours[f"decode-b{b}-ctx40"]
         short, long = r["lead_steps"] + 1, r["lead_steps"] + r["steps"] + 1
-        assert (r["batch"], r["context"], r["steps"]) == (b, 40, 6)
+        assert (r["batch"], r["context"], r["steps"]) == (b, 40, 40)
         assert r["output_tokens_short"] == b * short and r["output_tokens_long"] == b * long
-        assert math.isfinite(r["decode_step_ms"])
+        assert r["decode_step_ms"] > 0 and r["output_tokens_per_s"] == pytest.approx(b / r["decode_step_ms"] * 1e3)
         assert r["decode_step_ms_observed"] > 0 and r["decode_steps_observed"] >= r["steps"]
     assert report["engine_start_s"]["vattn"] > 0
 
@@ -83,7 +82,7 @@ def test_report_records_versions_device_and_jobs(run):
     assert (git["commit"] and len(git["commit"]) == 40) or git.get("reason")
     assert report["device"]["type"] == "cpu" and report["hbm_copy_bytes_per_s"] is None
     assert report["jobs"]["fixed"]["requests"] == 4 and report["jobs"]["mixed"]["requests"] == 6
-    assert report["config"]["max_model_len"] == max(40 + report["jobs"]["decode-b3-ctx40"]["lead_steps"] + 7, 96 + 1)
+    assert report["config"]["max_model_len"] == max(40 + report["jobs"]["decode-b3-ctx40"]["lead_steps"] + 41, 96 + 1)
     assert set(report["methods"]) >= {"throughput", "decode_latency", "prefill"}
 
 
@@ -185,6 +184,8 @@ def test_records_and_ratios_use_one_formula_for_both_systems(tiny):
     assert q["fixed"]["vattn_over_vllm"] == pytest.approx(2.0)
     assert q["decode-b2-ctx8"]["vattn_over_vllm"] == pytest.approx(2.0)
     assert make_record("vllm", 1, fixed, {"error": "boom"}, costs, None)["output_tokens_per_s"] is None
+    noisy = make_record("vattn", 1, dec, {"seconds_short": 1.0, "seconds_long": 0.9}, costs, None)
+    assert noisy["output_tokens_per_s"] is None and "--decode-steps" in noisy["error"]
 
 
 def test_peer_arguments_round_trip():

@@ -174,6 +174,9 @@ def make_record(system: str, tp: int, job: Job, meas: dict, costs: ModelCosts, b
     if job.kind == "decode_latency":
         batch, steps, context = len(job.prompts), job.steps, len(job.prompts[0])
         decode_s = meas["seconds_long"] - meas["seconds_short"]
+        if decode_s <= 0:  # run-to-run noise larger than the timed steps: no number rather than a wrong one
+            return {**rec, "output_tokens_per_s": None, **meas,
+                    "error": f"the long run was not slower than the short one ({decode_s:.4f} s); raise --decode-steps"}
         step_s = decode_s / steps
         rec.update(batch=batch, context=context, steps=steps, lead_steps=job.lead_steps, requests=batch,
                    output_tokens=batch * steps, seconds=decode_s, decode_step_ms=step_s * 1e3,
