@@ -99,16 +99,19 @@ class ProfileWindow:
         self.prof.stop()
         events = self.prof.key_averages()
         cuda = torch.cuda.is_available()
-        rows = [{"name": e.key, "count": e.count,
-                 "self_device_time_total_us": _device_time(e, "self_"), "device_time_total_us": _device_time(e, ""),
-                 "self_cpu_time_total_us": e.self_cpu_time_total, "cpu_time_total_us": e.cpu_time_total}
+        rows = [{"name": e.key, "device_type": str(getattr(e, "device_type", "")).rsplit(".", 1)[-1],
+                 "count": e.count, "self_device_time_total_us": _device_time(e, "self_"),
+                 "device_time_total_us": _device_time(e, ""), "self_cpu_time_total_us": e.self_cpu_time_total,
+                 "cpu_time_total_us": e.cpu_time_total}
                 for e in events]
         own = "self_device_time_total_us" if cuda else "self_cpu_time_total_us"
         rows.sort(key=lambda r: r[own], reverse=True)
         sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"  # torch maps cuda -> device
+        # GPU time: the device rows (kernels, copies) only; an operator row repeats its kernels' time.
+        gpu_us = sum(r["self_device_time_total_us"] for r in rows if r["device_type"] not in ("CPU", ""))
         self.result = {
             "steps": self.steps, "batch": rec.num_seqs, "context_tokens": rec.context_tokens,
-            "device_time_us_per_step": sum(r["self_device_time_total_us"] for r in rows) / self.steps,
+            "device_time_us_per_step": gpu_us / self.steps,
             "table": events.table(sort_by=sort_by, row_limit=25, max_name_column_width=80),
             "kernels": rows[:60],  # the same numbers as the table, sorted by own time, as data
         }

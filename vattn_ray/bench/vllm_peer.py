@@ -114,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                               ignore_eos=bool(sampling.get("ignore_eos", True)))
 
     def timed(prompts, max_tokens) -> tuple[float, int]:
+        inputs, sampling_params = [{"prompt_token_ids": p} for p in prompts], [params(n) for n in max_tokens]
         t = time.perf_counter()
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], [params(n) for n in max_tokens],
-                            use_tqdm=False)
+        outs = llm.generate(inputs, sampling_params, use_tqdm=False)
         return time.perf_counter() - t, sum(len(o.outputs[0].token_ids) for o in outs)
 
     for job in spec["jobs"]:
