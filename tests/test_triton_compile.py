@@ -48,7 +48,7 @@ def _compile_all() -> list[dict]:
                                                 (torch.bfloat16, 64, 1, 90, True, False),
                                                 (torch.float32, 128, 4, 90, False, False)]:
         t = names[dtype]
-        types = {"q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "out_ptr": f"*{t}", "part_out_ptr": "*fp32",
+        types = {"q_ptr": f"*{t}", "k_addr": "i64", "v_addr": "i64", "out_ptr": f"*{t}", "part_out_ptr": "*fp32",
                  "part_lse_ptr": "*fp32", "slots_ptr": "*i64", "seq_lens_ptr": "*i32", "rows_ptr": "*i64",
                  "scale_log2": "fp32"}
         if wide:  # slots of more than 2^31 elements: the slot strides arrive as 64-bit integers
@@ -56,7 +56,9 @@ def _compile_all() -> list[dict]:
         cfg = td.default_config(dim, dtype)
         for direct in (False, True) if both else (False,):
             consts = dict(GROUP=group, GROUP_PAD=16, HEAD_DIM=dim, BLOCK_N=cfg.block_n, HAS_ROWS=not direct,
-                          DIRECT=direct, PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                          DIRECT=direct, PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                          KV_DTYPE={torch.bfloat16: triton.language.bfloat16,
+                                    torch.float32: triton.language.float32}[dtype])
             rec = build(td._decode_split_kernel, types, consts, arch, cfg.num_warps, cfg.num_stages)
             out.append(dict(rec, dtype=t))
         if both:

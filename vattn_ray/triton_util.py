@@ -17,8 +17,12 @@ TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 
 
 def address(t: torch.Tensor) -> int:
-    """The device address of `t`'s first element, for a kernel parameter read with `as_pointer`."""
-    return t.data_ptr()
+    """The device address of `t`'s first element, for a kernel parameter read with `as_pointer`
+    (which promises the compiler 16-byte alignment, so vectorised, pipelined loads stay on)."""
+    ptr = t.data_ptr()
+    if ptr % 16:
+        raise ValueError(f"a KV tensor passed to a Triton kernel must be 16-byte aligned, got {ptr:#x}")
+    return ptr
 
 
 def tl_dtype(t: torch.Tensor):
@@ -29,4 +33,4 @@ def tl_dtype(t: torch.Tensor):
 @triton.jit
 def as_pointer(addr, DTYPE: tl.constexpr):
     """A typed pointer from an integer address (see the module docstring)."""
-    return addr.to(tl.pointer_type(DTYPE))
+    return tl.multiple_of(addr.to(tl.pointer_type(DTYPE)), 16)
