@@ -336,7 +336,8 @@ def test_kernels_run_while_slot_zero_is_unmapped():
         backend = get_backend("triton")
         out = backend.attend(qr, k_cache, v_cache, meta, backend.prepare(meta), dim ** -0.5)
         torch.cuda.synchronize()
-        assert torch.equal(k_cache[3, 699], apply_rope(k, cos, sin)[0])
+        rotated = apply_rope(k.float(), cos.float(), sin.float())[0]
+        assert (k_cache[3, 699].float() - rotated).abs().max().item() < 3e-2
         assert torch.equal(v_cache[3, 699], v[0])
         ref = reference(qr, k_cache, v_cache, meta, dim ** -0.5)
         assert (out.float() - ref).abs().max().item() < 2e-2
