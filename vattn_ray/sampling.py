@@ -4,7 +4,8 @@ Greedy rows are one batched argmax. Random rows use the exponential race: token 
 with E ~ Exp(1) i.i.d. per vocabulary entry, which draws exactly from p. The noise of a request
 with a `seed` comes from a generator seeded by (seed, number of tokens generated so far), so its
 tokens do not depend on which other requests share the batch, nor on preemption and recompute.
-Log-probabilities are those of the unmodified model distribution (before temperature/top-k/top-p).
+Log-probabilities are those of the unmodified model distribution (before temperature/top-k/top-p
+and before the logits processing of `vattn_ray.logits_processors`: penalties, bias, min_p).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from vattn_ray.logits_processors import TokenHistory, process_logits
 from vattn_ray.sampling_params import SamplingParams
 from vattn_ray.scheduler.plan import SampledToken, SeqChunk
 
@@ -42,14 +44,17 @@ class Sampler:
             self._generators[device] = g
         return self._generators[device]
 
-    def sample(self, logits: torch.Tensor, chunks: Sequence[SeqChunk],
-               params: Sequence[SamplingParams]) -> list[SampledToken]:
-        """One `SampledToken` per row of `logits [n, V]` (float32), row i belonging to `chunks[i]`."""
+    def sample(self, logits: torch.Tensor, chunks: Sequence[SeqChunk], params: Sequence[SamplingParams],
+               history: TokenHistory | None = None) -> list[SampledToken]:
+        """One `SampledToken` per row of `logits [n, V]` (float32), row i belonging to `chunks[i]`.
+
+        `history`: the worker's token history, needed by requests with penalties or min_tokens."""
         n = logits.shape[0]
         if not (n == len(chunks) == len(params)):
             raise ValueError(f"{n} logit rows for {len(chunks)} chunks and {len(params)} params")
         if n == 0:
             return []
+        raw, logits = logits, process_logits(logits, chunks, params, history)  # raw: for logprobs
         tokens = logits.argmax(dim=-1)  # greedy rows keep this; random rows are overwritten below
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
@@ -58,7 +63,7 @@ class Sampler:
             noise = self._exponential_noise(probs.shape, logits.device, [chunks[i] for i in random_rows],
                                             [params[i] for i in random_rows])
             tokens[rows] = (probs / noise).argmax(dim=-1)
-        return self._outputs(logits, tokens, chunks, params)
+        return self._outputs(raw, tokens, chunks, params)
 
     def _filtered_probs(self, logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
         """Softmax of logits / temperature restricted to each row's top-k and top-p set."""

@@ -76,6 +76,7 @@ class Worker:
         """Load this rank's weights, then size and create the KV pool from what memory is left."""
         from vattn_ray.kvcache import KVManager
         from vattn_ray.model import load_model
+        from vattn_ray.logits_processors import TokenHistory
         from vattn_ray.sampling import Sampler
 
         cfg = self.config
@@ -90,6 +91,7 @@ class Worker:
         budget = self._kv_budget_bytes(layout)
         self.kv = KVManager.from_budget(layout, self.device, budget, self.dtype, rank=self.rank)
         self.sampler = Sampler(seed=cfg.model.seed)
+        self.history = TokenHistory(layout.max_slots, layout.max_tokens_per_slot, self.device)
         from vattn_ray.attention import get_backend
 
         self.attention = get_backend(cfg.attention_backend)
@@ -157,6 +159,7 @@ class Worker:
         failures += self.kv.apply(plan.kv_now)
         for new in plan.new_requests:
             self.requests[new.req_id] = new.sampling
+            self.history.add(new.req_id, new.sampling, new.eos_token_ids)
         if self._any_rank_failed(bool(failures)):
             self._forget(plan.finished)
             return StepOutput(plan.step, (), self._tag(failures), executed=False)
@@ -174,6 +177,8 @@ class Worker:
 
     @torch.inference_mode()
     def _run_batch(self, plan: StepPlan) -> tuple:
+        if self.rank == 0:
+            self.history.record_inputs(plan.seqs)  # penalties look at every token fed so far
         # One packed host->device copy carries ids, positions, slot mapping and sample rows.
         if self.graphs is not None and self.graphs.fits(plan.seqs):
             logits = self.model.compute_logits(self.graphs.run(plan.seqs))  # every decode row samples
@@ -186,7 +191,10 @@ class Worker:
         if self.rank != 0:
             return ()
         chunks = [s for s in plan.seqs if s.sample]
-        return tuple(self.sampler.sample(logits, chunks, [self.requests[c.req_id] for c in chunks]))
+        sampled = tuple(self.sampler.sample(logits, chunks, [self.requests[c.req_id] for c in chunks],
+                                            self.history))
+        self.history.record_sampled(chunks, [t.token_id for t in sampled])
+        return sampled
 
     def _any_rank_failed(self, failed: bool) -> bool:
         """All shards must agree to skip a step, or the ones that run would wait in a collective."""
@@ -203,6 +211,7 @@ class Worker:
     def _forget(self, finished: tuple[str, ...]) -> None:
         for req_id in finished:
             self.requests.pop(req_id, None)
+        self.history.forget(finished)
 
     # ---- checks and shutdown ---------------------------------------------------------------
     def check_integrity(self, expected: dict[int, int]) -> None:

@@ -253,7 +253,7 @@ class Scheduler:
             req.planned_computed, req.planned_tokens = end, end + 1
             req.scheduled_step = step
             if not req.sent:  # a one-token prompt, or a retry after a step that did not run
-                st.new_requests.append(NewRequest(req.req_id, req.params))
+                st.new_requests.append(NewRequest(req.req_id, req.params, tuple(sorted(req.eos_token_ids))))
                 req.sent = True
             budget -= 1
         st.budget = budget
@@ -343,7 +343,7 @@ class Scheduler:
         req.planned_tokens = req.num_tokens + (1 if chunk.sample else 0)
         req.scheduled_step = st.step
         if not req.sent:
-            st.new_requests.append(NewRequest(req.req_id, req.params))
+            st.new_requests.append(NewRequest(req.req_id, req.params, tuple(sorted(req.eos_token_ids))))
             req.sent = True
 
     def _plan_prefetch(self, st: _Step, upper: dict[int, int]) -> list[KVOp]:
