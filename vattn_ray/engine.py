@@ -95,6 +95,7 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.seq_of: dict[str, _Sequence] = {}  # scheduler request id -> sequence
         self.num_steps = 0
+        self.last_step_end = time.monotonic()  # when a step last finished (the serving watchdog reads it)
         # Called with a `StepRecord` after every processed step (timing hooks for benchmarks).
         self.step_observers: list[Callable[[StepRecord], None]] = []
         info = infos[0]
@@ -129,6 +130,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize(prompt)
+        params.check_vocab(self.vocab_size)
         req = _Request(request_id, text, ids)
         added: list[str] = []
         try:
@@ -186,7 +188,7 @@ class LLMEngine:
         if self.step_observers:
             self._observe(plan, out)
         touched: dict[str, _Request] = {}
-        now = time.monotonic()
+        now = self.last_step_end = time.monotonic()
         for upd in self.scheduler.update(plan, out):
             seq = self.seq_of.get(upd.req_id)
             if seq is None:

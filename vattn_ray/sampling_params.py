@@ -80,6 +80,13 @@ class SamplingParams:
         _real("frequency_penalty", self.frequency_penalty, -MAX_PENALTY, MAX_PENALTY)
         _real("min_p", self.min_p, 0.0, 1.0)
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids this request names must exist in the model's vocabulary (the engine knows it)."""
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", [t for t, _ in self.logit_bias])):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise ValueError(f"{name} has token id {bad[0]}, outside the vocabulary [0, {vocab_size})")
+
     @cached_property
     def processes_logits(self) -> bool:
         """Whether the sampler must change this request's logits (penalties, bias, min_p, ...)."""
