@@ -34,6 +34,7 @@ class AsyncLLMEngine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._aborts: list[str] = []
+        self._calls: list[tuple] = []  # (fn, loop, future): run by the loop between two steps
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._error: BaseException | None = None
         self._stopping = False
@@ -96,6 +97,16 @@ class AsyncLLMEngine:
     def stats(self) -> dict:
         with self._lock:
             return self.engine.stats()
+
+    async def check_integrity(self) -> None:
+        """`LLMEngine.check_integrity` between two steps (AssertionError if the books disagree)."""
+        self._raise_if_dead()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            self._calls.append((self.engine.check_integrity, loop, future))
+        self._wake.set()
+        await future
 
     def check_health(self) -> None:
         if self._error is None:
@@ -161,6 +172,9 @@ class AsyncLLMEngine:
                     for request_id in self._aborts:
                         self.engine.abort_request(request_id)
                     self._aborts.clear()
+                    for fn, loop, future in self._calls:
+                        _run_call(fn, loop, future)
+                    self._calls.clear()
                     plan = self.engine.schedule()
                     if plan is None:
                         self._wake.clear()
@@ -186,3 +200,13 @@ class AsyncLLMEngine:
                 release = self._release_on_exit
             if release:
                 self.engine.shutdown()
+
+
+def _run_call(fn, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+    """Run `fn()` on the loop thread; its result or error goes to `future` on its event loop."""
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - the caller receives it
+        loop.call_soon_threadsafe(future.set_exception, exc)
+    else:
+        loop.call_soon_threadsafe(future.set_result, result)
