@@ -157,12 +157,15 @@ class AsyncLLMEngine:
         locked = self._lock.acquire(timeout=1.0)
         try:
             streams, self._streams = list(self._streams.values()), {}
+            calls, self._calls = self._calls, []
         finally:
             if locked:
                 self._lock.release()
         err = EngineDeadError(f"engine failed: {exc}")
         for loop, queue in streams:
             loop.call_soon_threadsafe(queue.put_nowait, err)
+        for _, loop, future in calls:
+            loop.call_soon_threadsafe(future.set_exception, err)
 
     # ---- the loop -------------------------------------------------------------------------
     def _run(self) -> None:
