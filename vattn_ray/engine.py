@@ -102,9 +102,11 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.seq_of: dict[str, _Sequence] = {}  # scheduler request id -> sequence
         self.num_steps = 0
+        self.last_step_end = time.monotonic()  # when a step last finished (the serving watchdog reads it)
         # Called with a `StepRecord` after every processed step (timing hooks for benchmarks).
         self.step_observers: list[Callable[[StepRecord], None]] = []
-        # Plans handed to the workers whose outputs are not taken in yet, oldest first.
+        # Plans handed to the workers whose outputs are not taken in yet, oldest first (touched by
+        # the stepping thread only).
         self._in_flight: deque = deque()
         self._depth = 2 if config.scheduler.async_scheduling and self.executor.overlaps_steps else 1
         # Held while the engine's books change; `AsyncLLMEngine` replaces it with a real lock so
@@ -142,6 +144,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize(prompt)
+        params.check_vocab(self.vocab_size)
         req = _Request(request_id, text, ids, kind=params.output_kind)
         added: list[str] = []
         try:
@@ -185,17 +188,21 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Launch the next step, then take in the oldest finished one; returns the outputs of
         requests that produced text or finished (none while the first step of a pipeline runs)."""
+        plan = None
         with self.lock:
             self.executor.check_alive()  # after a worker failure, say so rather than plan again
-            launched = False
             if len(self._in_flight) < self._depth and self.scheduler.can_schedule():
                 plan = self.scheduler.schedule()
-                if plan.seqs or plan.kv_now or plan.kv_prefetch or plan.finished:
-                    self._in_flight.append((plan, self.executor.submit(plan)))
-                    launched = bool(plan.seqs)
-            if not self._in_flight or (launched and len(self._in_flight) < self._depth):
+                if not (plan.seqs or plan.kv_now or plan.kv_prefetch or plan.finished):
+                    plan = None
+        # Launching may block (a TP group runs the step before it answers): never under the lock.
+        if plan is not None:
+            self._in_flight.append((plan, self.executor.submit(plan)))
+            if plan.seqs and len(self._in_flight) < self._depth:
                 return []  # the next call plans ahead of this step before waiting for it
-            plan, handle = self._in_flight.popleft()
+        if not self._in_flight:
+            return []
+        plan, handle = self._in_flight.popleft()
         out = handle.result()  # waits for the device without holding the lock
         with self.lock:
             return self.process(plan, out)
@@ -204,8 +211,7 @@ class LLMEngine:
         """Take in every step in flight (before integrity checks or shutdown)."""
         outputs = []
         while self._in_flight:
-            with self.lock:
-                plan, handle = self._in_flight.popleft()
+            plan, handle = self._in_flight.popleft()
             out = handle.result()
             with self.lock:
                 outputs += self.process(plan, out)
@@ -217,7 +223,7 @@ class LLMEngine:
         if self.step_observers:
             self._observe(plan, out)
         touched: dict[str, _Request] = {}
-        now = time.monotonic()
+        now = self.last_step_end = time.monotonic()
         for upd in self.scheduler.update(plan, out):
             seq = self.seq_of.get(upd.req_id)
             if seq is None:

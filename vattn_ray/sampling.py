@@ -4,12 +4,14 @@ Greedy rows are one batched argmax. Random rows use the exponential race: token 
 with E ~ Exp(1) i.i.d. per vocabulary entry, which draws exactly from p. The noise of a request
 with a `seed` comes from a generator seeded by (seed, number of tokens generated so far), so its
 tokens do not depend on which other requests share the batch, nor on preemption and recompute.
-Log-probabilities are those of the unmodified model distribution (before temperature/top-k/top-p).
+Log-probabilities are those of the unmodified model distribution (before temperature/top-k/top-p
+and before the logits processing of `vattn_ray.logits_processors`: penalties, bias, min_p).
 
-Nothing here waits for the device: `sample` returns device tensors and `SampleReadout` copies them
-to pinned host memory behind the step's kernels; only `SampleReadout.result()` waits, and only for
-its own step, so the head can plan and launch the next step meanwhile. Host-to-device copies of
-per-row parameters go through pinned memory for the same reason (a pageable copy would block).
+Nothing here waits for the device: `sample_tokens` returns device tensors and `SampleReadout`
+copies them to pinned host memory behind the step's kernels; only `SampleReadout.result()` waits,
+and only for its own step, so the head can plan and launch the next step meanwhile. Host-to-device
+copies of per-row parameters go through pinned memory for the same reason (a pageable copy would
+block).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from vattn_ray.logits_processors import TokenHistory, process_logits
 from vattn_ray.sampling_params import SamplingParams
 from vattn_ray.scheduler.plan import SampledToken, SeqChunk
 
@@ -90,20 +93,24 @@ class Sampler:
             self._generators[device] = g
         return self._generators[device]
 
-    def sample(self, logits: torch.Tensor, chunks: Sequence[SeqChunk],
-               params: Sequence[SamplingParams]) -> list[SampledToken]:
+    def sample(self, logits: torch.Tensor, chunks: Sequence[SeqChunk], params: Sequence[SamplingParams],
+               history: TokenHistory | None = None) -> list[SampledToken]:
         """One `SampledToken` per row of `logits [n, V]` (float32), row i belonging to `chunks[i]`.
 
+        `history`: the worker's token history, needed by requests with penalties or min_tokens.
         Waits for the device; the step loop uses `sample_tokens` + `readout` instead."""
-        tokens = self.sample_tokens(logits, chunks, params)
+        tokens = self.sample_tokens(logits, chunks, params, history)
         return list(self.readout(logits, tokens, chunks, params).result())
 
-    def sample_tokens(self, logits: torch.Tensor, chunks: Sequence[SeqChunk],
-                      params: Sequence[SamplingParams]) -> torch.Tensor:
-        """Sampled token ids `[n]` (int64, on the logits' device), without waiting for the device."""
+    def sample_tokens(self, logits: torch.Tensor, chunks: Sequence[SeqChunk], params: Sequence[SamplingParams],
+                      history: TokenHistory | None = None) -> torch.Tensor:
+        """Sampled token ids `[n]` (int64, on the logits' device), without waiting for the device.
+
+        `logits` are left as they are (log-probabilities come from them)."""
         n = logits.shape[0]
         if not (n == len(chunks) == len(params)):
             raise ValueError(f"{n} logit rows for {len(chunks)} chunks and {len(params)} params")
+        logits = process_logits(logits, chunks, params, history)
         tokens = logits.argmax(dim=-1)  # greedy rows keep this; random rows are overwritten below
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:

@@ -100,7 +100,9 @@ class DecodeGraphs:
                     time.perf_counter() - t0)
 
     def fits(self, seqs: Sequence[SeqChunk]) -> bool:
-        # Every row of a graph samples: a one-token prefill chunk that does not sample is no decode.
+        """A decode-only batch: one token and one sample per row. A one-token prefill chunk that
+        does not sample (a token budget <= max_num_seqs makes those) computes like a decode, but
+        the graphs return a logits row for it that the sampler has no chunk for."""
         return len(seqs) <= self.max_batch and all(len(s.token_ids) == 1 and s.sample for s in seqs)
 
     def run(self, seqs: Sequence[SeqChunk]) -> torch.Tensor:

@@ -96,6 +96,7 @@ class Worker:
         """Load this rank's weights, then size and create the KV pool from what memory is left."""
         from vattn_ray.kvcache import KVManager
         from vattn_ray.model import load_model
+        from vattn_ray.logits_processors import TokenHistory
         from vattn_ray.sampling import Sampler
 
         cfg = self.config
@@ -111,6 +112,7 @@ class Worker:
         self.kv = KVManager.from_budget(layout, self.device, budget, self.dtype, rank=self.rank)
         self.sampler = Sampler(seed=cfg.model.seed)
         self.last_sampled = torch.zeros(layout.max_slots, dtype=torch.int64, device=self.device)
+        self.history = TokenHistory(layout.max_slots, layout.max_tokens_per_slot, self.device)
         from vattn_ray.attention import get_backend
 
         self.attention = get_backend(cfg.attention_backend)
@@ -192,6 +194,7 @@ class Worker:
         failures += self.kv.apply(plan.kv_now)
         for new in plan.new_requests:
             self.requests[new.req_id] = new.sampling
+            self.history.add(new.req_id, new.sampling, new.eos_token_ids)
         self.last_executed = not self._any_rank_failed(bool(failures))
         if not self.last_executed:
             self._forget(plan.finished)
@@ -217,6 +220,7 @@ class Worker:
 
     @torch.inference_mode()
     def _run_batch(self, plan: StepPlan):
+        self.history.record_inputs(plan.seqs)  # penalties look at every token fed so far
         # One packed host->device copy carries ids, positions, slot mapping and sample rows.
         if self.graphs is not None and self.graphs.fits(plan.seqs):
             logits = self.graphs.run(plan.seqs)  # logits of every row (every decode row samples)
@@ -234,10 +238,11 @@ class Worker:
 
         chunks = [s for s in plan.seqs if s.sample]
         params = [self.requests[c.req_id] for c in chunks]
-        # Every rank samples (same logits, same generators), so each has the tokens that the next
-        # step's decodes may feed back without the head in between.
-        tokens = self.sampler.sample_tokens(logits, chunks, params)
+        # Every rank samples (same logits, same generators, same histories), so each has the tokens
+        # that the next step's decodes may feed back without the head in between.
+        tokens = self.sampler.sample_tokens(logits, chunks, params, self.history)
         self.last_sampled.index_copy_(0, to_device([c.slot for c in chunks], torch.int64, self.device), tokens)
+        self.history.record_sampled(chunks, tokens)
         if self.rank != 0:
             return None
         return self.sampler.readout(logits, tokens, chunks, params)
@@ -257,6 +262,7 @@ class Worker:
     def _forget(self, finished: tuple[str, ...]) -> None:
         for req_id in finished:
             self.requests.pop(req_id, None)
+        self.history.forget(finished)
 
     # ---- checks and shutdown ---------------------------------------------------------------
     def check_integrity(self, expected: dict[int, int]) -> None:

@@ -36,6 +36,7 @@ class NewRequest:
 
     req_id: str
     sampling: SamplingParams
+    eos_token_ids: tuple[int, ...] = ()  # masked until `sampling.min_tokens` tokens are generated
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,10 @@ class RequestRejected(ValueError):
     """A request that can never be served; the message says what to change."""
 
 
+class QueueFull(ValueError):
+    """Too many requests are waiting (`max_queued_requests`): retry later (HTTP 429)."""
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

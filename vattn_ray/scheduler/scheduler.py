@@ -36,8 +36,9 @@ from dataclasses import dataclass
 from vattn_ray.config import SchedulerConfig
 from vattn_ray.layout import KVLayout
 from vattn_ray.sampling_params import SamplingParams
+from vattn_ray.scheduler.capacity import CapacityProbe
 from vattn_ray.scheduler.plan import PREVIOUS_SAMPLE, KVOp, NewRequest, SeqChunk, StepOutput, StepPlan
-from vattn_ray.scheduler.request import Request, RequestRejected, RequestStatus, RequestUpdate
+from vattn_ray.scheduler.request import QueueFull, Request, RequestRejected, RequestStatus, RequestUpdate
 from vattn_ray.scheduler.slots import SlotTable
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class Scheduler:
         self.config = config
         self.layout = layout
         self._slots = SlotTable(config.max_num_seqs, min(caps))
+        self._capacity = CapacityProbe(min(caps))  # lowered estimates are raised again later
         self._tb = layout.token_bytes
         self._pb = layout.page_bytes
         self._requests: dict[str, Request] = {}  # every unfinished request
@@ -144,11 +146,15 @@ class Scheduler:
                 f"max_model_len={limit}; shorten the prompt or lower max_tokens")
         req = Request(req_id, prompt_token_ids, params, eos_token_ids, self._seq)
         need = self._groups(req.max_kv_tokens)
-        if need > self._slots.capacity:
+        if need > self._capacity.nominal:
             raise RequestRejected(
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) needs {need} KV page groups but the "
-                f"KV cache holds {self._slots.capacity}; shorten the prompt, lower max_tokens or give the "
+                f"KV cache holds {self._capacity.nominal}; shorten the prompt, lower max_tokens or give the "
                 f"KV cache more memory")
+        limit = self.config.max_queued_requests
+        if limit is not None and len(self._waiting) >= limit:
+            raise QueueFull(f"{len(self._waiting)} requests are waiting for this server "
+                            f"(max_queued_requests={limit}); retry later")
         self._seq += 1
         self._requests[req_id] = req
         self._waiting.append(req)
@@ -199,6 +205,9 @@ class Scheduler:
                                "call update() before scheduling the next step")
         cfg = self.config
         slots = self._slots
+        restored = self._capacity.tick(slots.capacity)
+        if restored is not None:
+            slots.capacity = restored
         st = _Step(self._step, cfg.max_num_batched_tokens)
         reassert = self._reassert
         if self._in_flight:
@@ -257,7 +266,7 @@ class Scheduler:
             req.planned_computed, req.planned_tokens = end, end + 1
             req.scheduled_step = step
             if not req.sent:  # a one-token prompt, or a retry after a step that did not run
-                st.new_requests.append(NewRequest(req.req_id, req.params))
+                st.new_requests.append(NewRequest(req.req_id, req.params, tuple(sorted(req.eos_token_ids))))
                 req.sent = True
             budget -= 1
         st.budget = budget
@@ -347,7 +356,7 @@ class Scheduler:
         req.planned_tokens = req.num_tokens + (1 if chunk.sample else 0)
         req.scheduled_step = st.step
         if not req.sent:
-            st.new_requests.append(NewRequest(req.req_id, req.params))
+            st.new_requests.append(NewRequest(req.req_id, req.params, tuple(sorted(req.eos_token_ids))))
             req.sent = True
 
     def _plan_prefetch(self, st: _Step, upper: dict[int, int]) -> list[KVOp]:
@@ -456,7 +465,8 @@ class Scheduler:
         for slot in failed:
             if 0 <= slot < self._slots.num_slots:
                 self._set_groups(None, slot, 0)
-        return self._shrink_capacity(max(0, min(self._slots.capacity, total_planned - 1)))
+        estimate = self._capacity.failed(max(0, min(self._slots.capacity, total_planned - 1)))
+        return self._shrink_capacity(estimate)
 
     def set_capacity(self, capacity_groups: int | Sequence[int]) -> list[RequestUpdate]:
         """Re-sync the pool size (e.g. after memory was lent to or returned by another user).
@@ -467,6 +477,7 @@ class Scheduler:
         if self._in_flight:
             raise RuntimeError("set_capacity() while a step is in flight")
         caps = [capacity_groups] if isinstance(capacity_groups, int) else list(capacity_groups)
+        self._capacity.reset(min(caps))
         return self._shrink_capacity(min(caps))
 
     def _shrink_capacity(self, capacity: int) -> list[RequestUpdate]:
@@ -481,9 +492,11 @@ class Scheduler:
             else:
                 self._preempt(next(reversed(self._running.values())), None)
         updates = []
-        for req in [r for r in self._requests.values() if self._groups(r.max_kv_tokens) > capacity]:
+        # Only what the shards hold for good (not a lowered estimate) makes a request impossible.
+        nominal = self._capacity.nominal
+        for req in [r for r in self._requests.values() if self._groups(r.max_kv_tokens) > nominal]:
             logger.error("aborting request %s: it needs %d KV page groups, the shards now hold %d",
-                         req.req_id, self._groups(req.max_kv_tokens), capacity)
+                         req.req_id, self._groups(req.max_kv_tokens), nominal)
             self._finish(req)
             updates.append(RequestUpdate(req.req_id, [], [], True, "abort"))
         return updates
@@ -571,5 +584,5 @@ class Scheduler:
                 f"{rid}: {req.planned_computed} planned tokens but slot {req.slot} has {slots.mapped[req.slot]} groups")
         for rid, req in self._requests.items():
             assert len(req.output_token_ids) < req.params.max_tokens, f"{rid} should have finished"
-            assert self._groups(req.max_kv_tokens) <= slots.capacity, f"{rid} can never fit"
+            assert self._groups(req.max_kv_tokens) <= self._capacity.nominal, f"{rid} can never fit"
             assert req.sent or req.num_computed == 0, f"{rid} computed tokens before workers knew it"
