@@ -84,15 +84,17 @@ class RequestTimer:
         self.last: float | None = None
         self.tokens = 0
 
-    def on_tokens(self, new_tokens: int) -> None:
+    def on_tokens(self, new_tokens: int, first_token_time: float | None = None) -> None:
         """Called when an engine output brings `new_tokens` generated tokens (summed over the n
-        sequences, which advance together: one step = one token each = one inter-token gap)."""
+        sequences, which advance together: one step = one token each = one inter-token gap).
+        `first_token_time` (the engine's, `time.monotonic`) times the first token when the output
+        arrives later than the token did (a non-streamed request gets only its final output)."""
         if new_tokens <= 0:
             return
         now = time.monotonic()
         m = self.metrics
         if self.last is None:
-            m.ttft.observe(now - self.start, tags=m.tags)
+            m.ttft.observe((first_token_time or now) - self.start, tags=m.tags)
         else:
             m.itl.observe(now - self.last, tags=m.tags)
         self.last = now

@@ -26,7 +26,7 @@ from deploy.protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest
                              ModelList, new_id, now)
 from vattn_ray.async_engine import EngineDeadError
 from vattn_ray.outputs import RequestOutput
-from vattn_ray.sampling_params import SamplingParams
+from vattn_ray.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class _EngineRequest:
     stream: AsyncIterator[RequestOutput]
     timer: RequestTimer
     last: RequestOutput | None = None
+    num_generated: int = 0  # tokens over all n sequences (outputs are deltas when streaming)
 
     @property
     def finished(self) -> bool:
@@ -154,7 +155,9 @@ class OpenAIServer:
                 top_p=1.0 if req.top_p is None else req.top_p,
                 top_k=-1 if req.top_k is None else req.top_k,
                 seed=req.seed, stop=req.stop or (), stop_token_ids=req.stop_token_ids or (),
-                ignore_eos=req.ignore_eos, logprobs=logprobs, min_tokens=req.min_tokens)
+                ignore_eos=req.ignore_eos, logprobs=logprobs, min_tokens=req.min_tokens,
+                # A stream needs what is new each step; a plain response only the end.
+                output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY)
         except ValueError as exc:
             raise APIError.from_value_error(exc) from exc
 
@@ -188,7 +191,9 @@ class OpenAIServer:
 
     def _observe(self, r: _EngineRequest, out: RequestOutput) -> None:
         r.last = out
-        r.timer.on_tokens(sum(len(o.delta_token_ids) for o in out.outputs))
+        new = sum(len(o.delta_token_ids) for o in out.outputs)
+        r.num_generated += new
+        r.timer.on_tokens(new, out.metrics.get("first_token_time"))
         if out.finished:
             r.timer.on_finish([o.finish_reason for o in out.outputs])
 
@@ -380,7 +385,7 @@ class OpenAIServer:
     @staticmethod
     def _usage(reqs: list[_EngineRequest]):
         prompt = sum(r.prompt_len for r in reqs)
-        completion = sum(len(o.token_ids) for r in reqs for o in r.last.outputs)
+        completion = sum(r.num_generated for r in reqs)
         return usage(prompt, completion)
 
     # ---- operations ---------------------------------------------------------------------------

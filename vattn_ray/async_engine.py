@@ -1,9 +1,10 @@
 """The asyncio face of the engine, for serving.
 
-One background thread runs the step loop (model steps block, so they must not run on the event
-loop). Callers add requests under a short lock; the lock is *not* held while a step executes, so
-an HTTP handler never waits for the GPU. Aborts are queued and applied between steps. Outputs go
-back to each caller's event loop through `call_soon_threadsafe`.
+One background thread calls `LLMEngine.step()` in a loop (model steps block, so they must not run
+on the event loop). The engine takes a shared lock only while its books change, never while it
+waits for the device, so callers add requests under that short lock and an HTTP handler never
+waits for the GPU. Aborts are queued and applied between steps. Outputs go back to each caller's
+event loop through `call_soon_threadsafe`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._lock = threading.Lock()
+        engine.lock = self._lock
         self._wake = threading.Event()
         self._aborts: list[str] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -110,15 +112,14 @@ class AsyncLLMEngine:
                     for request_id in self._aborts:
                         self.engine.abort_request(request_id)
                     self._aborts.clear()
-                    plan = self.engine.schedule()
-                    if plan is None:
-                        self._wake.clear()
-                if plan is None:
+                    idle = not self.engine.has_work()
+                    if idle:
+                        self._wake.clear()  # under the lock: a request added now sets it again
+                if idle:
                     self._wake.wait(timeout=1.0)
                     continue
-                out = self.engine.executor.execute(plan)
+                outputs = self.engine.step()
                 with self._lock:
-                    outputs = self.engine.process(plan, out)
                     targets = [(o, self._streams.get(o.request_id)) for o in outputs]
                     for o in outputs:
                         if o.finished:

@@ -41,6 +41,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int  # per-step token budget
     max_model_len: int
     enable_chunked_prefill: bool = True
+    # Plan step t+1 while step t runs on the device (used when the executor can overlap steps).
+    async_scheduling: bool = True
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class EngineArgs:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
+    async_scheduling: bool = True
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int | None = None
     kv_layers_per_tensor: int | str = "auto"
@@ -128,7 +131,7 @@ class EngineArgs:
             cache=CacheConfig(layers_per_tensor, page_bytes, self.gpu_memory_utilization,
                               self.kv_cache_memory_bytes, self.enable_prefetch),
             scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, max_model_len,
-                                      self.enable_chunked_prefill),
+                                      self.enable_chunked_prefill, bool(self.async_scheduling)),
             parallel=ParallelConfig(self.tensor_parallel_size, self.placement_strategy, self.accelerator_type),
             device=device,
             attention_backend=backend,

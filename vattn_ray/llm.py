@@ -8,12 +8,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from vattn_ray.config import EngineArgs
 from vattn_ray.engine import LLMEngine
 from vattn_ray.outputs import RequestOutput
-from vattn_ray.sampling_params import SamplingParams
+from vattn_ray.sampling_params import RequestOutputKind, SamplingParams
 
 Prompt = str | list[int]
 
@@ -54,6 +55,8 @@ class LLM:
         for prompt, p in zip(prompt_list, params):
             request_id = f"offline-{self._counter}"
             self._counter += 1
+            # Only the final output is needed: no per-step copies of growing outputs.
+            p = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
             self.engine.add_request(request_id, prompt, p)
             ids.append(request_id)
         done: dict[str, RequestOutput] = {}

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What each streamed `RequestOutput` holds (vLLM's meaning)."""
+
+    CUMULATIVE = 0  # everything generated so far, every time
+    DELTA = 1  # only what is new since the previous output (cheap for long streams)
+    FINAL_ONLY = 2  # one output, when the request finishes (what `LLM.generate` uses)
 
 
 @dataclass(frozen=True)
@@ -23,6 +32,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-n log-probabilities returned per generated token
     n: int = 1
     min_tokens: int = 0
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -48,6 +58,11 @@ class SamplingParams:
             raise ValueError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        try:
+            object.__setattr__(self, "output_kind", RequestOutputKind(self.output_kind))
+        except ValueError:
+            raise ValueError(f"output_kind must be one of {[k.name for k in RequestOutputKind]}, "
+                             f"got {self.output_kind!r}") from None
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens!r}")
 
