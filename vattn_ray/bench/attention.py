@@ -140,7 +140,7 @@ class Case:
         from vattn_ray.attention import triton_decode as td
 
         auto = td.choose_num_splits(self.batch, KV_HEADS, td.sm_count(torch.cuda.current_device()))
-        splits = sorted({max(1, auto // 2), auto, min(td.MAX_SPLITS, auto * 2), min(td.MAX_SPLITS, auto * 4)})
+        splits = sorted({auto} | {s for s in (1, 2, 4, 8, 16, 32, 64) if s <= td.MAX_SPLITS})
         out_t = torch.empty_like(self.q)
         rows = []
         for bn, warps, stages, s in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), splits):
