@@ -31,7 +31,8 @@ def _compile_all() -> list[dict]:
         sig = {name: "constexpr" if name in consts else types.get(name, "i32") for name in fn.arg_names}
         # What a launch specializes on: 16-byte aligned pointers and strides divisible by 16 (true of
         # the KV views, whose strides are multiples of head_dim, and of fresh allocations).
-        aligned = [i for i, name in enumerate(fn.arg_names) if name.endswith("_ptr") or name.startswith("stride")]
+        aligned = [i for i, name in enumerate(fn.arg_names)
+                   if name.endswith(("_ptr", "_addr")) or name.startswith("stride")]
         attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
@@ -47,7 +48,7 @@ def _compile_all() -> list[dict]:
                                                 (torch.bfloat16, 64, 1, 90, True, False),
                                                 (torch.float32, 128, 4, 90, False, False)]:
         t = names[dtype]
-        types = {"q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "out_ptr": f"*{t}", "part_out_ptr": "*fp32",
+        types = {"q_ptr": f"*{t}", "k_addr": "i64", "v_addr": "i64", "out_ptr": f"*{t}", "part_out_ptr": "*fp32",
                  "part_lse_ptr": "*fp32", "slots_ptr": "*i64", "seq_lens_ptr": "*i32", "rows_ptr": "*i64",
                  "scale_log2": "fp32"}
         if wide:  # slots of more than 2^31 elements: the slot strides arrive as 64-bit integers
@@ -55,7 +56,9 @@ def _compile_all() -> list[dict]:
         cfg = td.default_config(dim, dtype)
         for direct in (False, True) if both else (False,):
             consts = dict(GROUP=group, GROUP_PAD=16, HEAD_DIM=dim, BLOCK_N=cfg.block_n, HAS_ROWS=not direct,
-                          DIRECT=direct, PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                          DIRECT=direct, PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                          KV_DTYPE={torch.bfloat16: triton.language.bfloat16,
+                                    torch.float32: triton.language.float32}[dtype])
             rec = build(td._decode_split_kernel, types, consts, arch, cfg.num_warps, cfg.num_stages)
             out.append(dict(rec, dtype=t))
         if both:
@@ -63,11 +66,12 @@ def _compile_all() -> list[dict]:
             out.append(dict(build(td._decode_merge_kernel, types, merge, arch, 4, 1), dtype=t))
     ptrs = {n: "*bf16" for n in ("x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr", "q_ptr", "k_ptr", "v_ptr",
                                  "cos_ptr", "sin_ptr", "q_out_ptr", "kc_ptr", "vc_ptr")}
-    ptrs.update(map_ptr="*i64", eps="fp32")
+    ptrs.update(map_ptr="*i64", eps="fp32", kc_addr="i64", vc_addr="i64")
     for fn, consts, warps in [(fk._rms_norm_kernel, dict(BLOCK=4096, HAS_RESIDUAL=True), 8),
                               (fk._rms_norm_kernel, dict(BLOCK=128, HAS_RESIDUAL=False), 1),
                               (fk._silu_mul_kernel, dict(BLOCK=1024), 4),
-                              (fk._rope_cache_kernel, dict(BLOCK_HQ=32, BLOCK_HKV=8, HALF=64), 4)]:
+                              (fk._rope_cache_kernel, dict(BLOCK_HQ=32, BLOCK_HKV=8, HALF=64,
+                                                           KV_DTYPE=triton.language.bfloat16), 4)]:
         out.append(dict(build(fn, ptrs, consts, 90, warps, 1), dtype="bf16"))
     return out
 

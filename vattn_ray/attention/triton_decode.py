@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vattn_ray.triton_util import address, as_pointer, tl_dtype
+
 MAX_SPLITS = 64
 # Programs resident at once per SM with the default tiles (~70 KiB of shared memory each on
 # H100/H200). Splitting aims at one full resident wave: all programs of a uniform batch then
@@ -91,7 +93,7 @@ def _split_len(seq_len, num_splits, BLOCK_N: tl.constexpr):
 # fewer variants, less compile time at engine start.
 @triton.jit(do_not_specialize=["num_q_heads", "num_splits"])
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, k_addr, v_addr, out_ptr, part_out_ptr, part_lse_ptr,
     slots_ptr, seq_lens_ptr, rows_ptr,
     stride_qt, stride_qh,
     stride_ks, stride_kt, stride_kh,
@@ -99,8 +101,10 @@ def _decode_split_kernel(
     stride_ot, stride_oh,
     num_q_heads, num_splits, scale_log2,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_ROWS: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_ROWS: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, KV_DTYPE: tl.constexpr,
 ):
+    k_ptr = as_pointer(k_addr, KV_DTYPE)  # the virtual KV cache: see vattn_ray/triton_util.py
+    v_ptr = as_pointer(v_addr, KV_DTYPE)
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -228,14 +232,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     # float32 products in full precision (tf32 would cost accuracy); 16-bit operands ignore this.
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _decode_split_kernel[(nrows, kv_heads, num_splits)](
-        q, k_cache, v_cache, out, part_out, part_lse, slots, seq_lens, rows_arg,
+        q, address(k_cache), address(v_cache), out, part_out, part_lse, slots, seq_lens, rows_arg,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         heads, num_splits, scale * math.log2(math.e),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, BLOCK_N=cfg.block_n,
-        HAS_ROWS=has_rows, DIRECT=direct, PRECISION=precision,
+        HAS_ROWS=has_rows, DIRECT=direct, PRECISION=precision, KV_DTYPE=tl_dtype(k_cache),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if not direct:
         _decode_merge_kernel[(nrows, heads)](

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vattn_ray.triton_util import address, as_pointer, tl_dtype
+
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -102,12 +104,15 @@ def _store_heads(ptr, stride_h, n_heads, lo, hi, BLOCK_H: tl.constexpr, HALF: tl
 
 
 @triton.jit
-def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, map_ptr, q_out_ptr, kc_ptr, vc_ptr,
+def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, map_ptr, q_out_ptr, kc_addr, vc_addr,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                        stride_cos, stride_sin, stride_qot, stride_qoh,
                        stride_kc_row, stride_kc_h, stride_vc_row, stride_vc_h,
                        n_q_heads, n_kv_heads,
-                       BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, HALF: tl.constexpr):
+                       BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, HALF: tl.constexpr,
+                       KV_DTYPE: tl.constexpr):
+    kc_ptr = as_pointer(kc_addr, KV_DTYPE)  # the virtual KV cache: see vattn_ray/triton_util.py
+    vc_ptr = as_pointer(vc_addr, KV_DTYPE)
     t = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, HALF)
     cos1 = tl.load(cos_ptr + t * stride_cos + d).to(tl.float32)
@@ -156,12 +161,12 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
     if k_cache.stride(0) != kc_row * k_cache.shape[1] or v_cache.stride(0) != vc_row * v_cache.shape[1]:
         raise ValueError("rope_and_cache needs cache views whose slots follow each other (flat rows)")
     _rope_cache_kernel[(t,)](
-        q, k, v, cos2, sin2, slot_mapping, q_out, k_cache, v_cache,
+        q, k, v, cos2, sin2, slot_mapping, q_out, address(k_cache), address(v_cache),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos2.stride(0), sin2.stride(0), q_out.stride(0), q_out.stride(1),
         kc_row, k_cache.stride(2), vc_row, v_cache.stride(2), hq, hkv,
         BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HKV=triton.next_power_of_2(hkv), HALF=d // 2,
-        num_warps=4)
+        KV_DTYPE=tl_dtype(k_cache), num_warps=4)
     return q_out
 
 
