@@ -119,15 +119,16 @@ def test_decode_reads_only_mapped_pages():
         kv.check_integrity()
 
 
-def test_num_splits_depends_on_shape_only():
+def test_num_splits_fill_one_resident_wave():
+    wave = PROGRAMS_PER_SM * 132
     for rows in (1, 2, 5, 32, 100, 256, 1024):
         for heads in (1, 8):
             s = choose_num_splits(rows, heads, 132)
-            assert 1 <= s <= MAX_SPLITS and s & (s - 1) == 0
-            assert rows * heads * s >= PROGRAMS_PER_SM * 132 or s == MAX_SPLITS
-            if s > 1:  # the smallest power of two that reaches the target
-                assert rows * heads * (s // 2) < PROGRAMS_PER_SM * 132
-    assert choose_num_splits(256, 8, 132) == 1 and choose_num_splits(32, 8, 132) == 4
+            assert 1 <= s <= MAX_SPLITS
+            if s > 1:  # as many splits as fit in the wave, and no more
+                assert rows * heads * s <= wave and (rows * heads * (s + 1) > wave or s == MAX_SPLITS)
+    assert choose_num_splits(256, 8, 132) == choose_num_splits(32, 8, 132) == 1
+    assert choose_num_splits(8, 8, 132) == 6 and choose_num_splits(1, 8, 132) == 49
 
 
 def chunk(slot: int, start: int, n: int) -> SeqChunk:

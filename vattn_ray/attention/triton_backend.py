@@ -93,6 +93,9 @@ class TritonBackend(AttentionBackend):
             # slot starts, then a bound past the last one (the kernels read lengths from seq_lens)
             cu_seqlens_k=torch.cat([cu_k, cu_k[-1:] + seq_lens[-1:]]).to(torch.int32),
             sample_indices=meta.sample_indices[:0])
+        if decode == list(range(len(decode))):  # decode rows first (the scheduler's order): views
+            n = len(decode)
+            return TritonState(meta.slots[:n], meta.seq_lens[:n], None, sub, self.prefill.prepare(sub), tokens)
         return TritonState(meta.slots[dec_idx], meta.seq_lens[dec_idx], dec_rows, sub,
                            self.prefill.prepare(sub), tokens)
 

@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import itertools
 import json
-import subprocess
+import sys
 from typing import Callable
 
 import torch
@@ -27,6 +27,7 @@ import torch
 from vattn_ray.attention import build_metadata, get_backend
 from vattn_ray.attention.base import flat_view
 from vattn_ray.attention.metadata import AttentionMetadata
+from vattn_ray.bench.provenance import device_info, versions
 from vattn_ray.scheduler.plan import SeqChunk
 
 DEFAULT_CASES = "32x1024,128x1024,256x1024,8x15360:4,8x16384:4"
@@ -140,7 +141,7 @@ class Case:
         from vattn_ray.attention import triton_decode as td
 
         auto = td.choose_num_splits(self.batch, KV_HEADS, td.sm_count(torch.cuda.current_device()))
-        splits = sorted({max(1, auto // 2), auto, min(td.MAX_SPLITS, auto * 2), min(td.MAX_SPLITS, auto * 4)})
+        splits = sorted({auto} | {s for s in (1, 2, 4, 8, 16, 32, 64) if s <= td.MAX_SPLITS})
         out_t = torch.empty_like(self.q)
         rows = []
         for bn, warps, stages, s in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), splits):
@@ -159,14 +160,6 @@ class Case:
         return rows
 
 
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=__file__.rsplit("/", 1)[0]).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vattn_ray.bench attention", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers-per-tensor", type=int, default=32, help="G of cases that do not name one")
     ap.add_argument("--sweep", action="store_true", help="also time Triton launch configurations")
     ap.add_argument("--out", default=None)
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     import triton
 
@@ -188,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         del case
         torch.cuda.empty_cache()
     print("| batch x context (G) | FA2 varlen µs | TB/s | FA2 packed-GQA TB/s | Triton split-KV µs | TB/s "
-          "| of copy | splits | max |Triton - FA2| |")
+          "| of copy | splits | max abs diff Triton vs FA2 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['batch']} x {r['context']} ({r['G']}) | {r['fa2_us']:.1f} | {r['fa2_TBps']:.2f} | "
@@ -198,13 +192,18 @@ def main(argv: list[str] | None = None) -> int:
         print("best Triton configuration per case (from --sweep):")
         for (b, c, g), group in itertools.groupby(sweep, key=lambda r: (r["batch"], r["context"], r["G"])):
             ok = [r for r in group if "TBps" in r]
+            if not ok:
+                print(f"  {b} x {c} (G={g}): every configuration failed")
+                continue
             best = max(ok, key=lambda r: r["TBps"])
             print(f"  {b} x {c} (G={g}): {best['TBps']:.2f} TB/s with block_n={best['block_n']} "
                   f"num_warps={best['num_warps']} num_stages={best['num_stages']} num_splits={best['num_splits']}")
     if args.out:
-        report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                  "git_commit": _git_commit(), "copy_TBps": copy_tbps, "shape": {"heads": HEADS, "kv_heads": KV_HEADS,
-                  "head_dim": DIM, "dtype": "bfloat16"}, "rows": rows, "sweep": sweep}
+        report = {"command": " ".join(["python -m vattn_ray.bench attention", *argv]),
+                  "versions": dict(versions(), triton=triton.__version__),
+                  "device": device_info(torch.device("cuda", torch.cuda.current_device())),
+                  "copy_TBps": copy_tbps, "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": DIM,
+                                                    "dtype": "bfloat16"}, "rows": rows, "sweep": sweep}
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
     return 0
