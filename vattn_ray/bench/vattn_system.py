@@ -60,13 +60,14 @@ def decode_stats(gaps: list[tuple[float, int, int]]) -> dict:
 
 
 class ProfileWindow:
-    """Observer: profiles `steps` steps after the `after`-th decode-only step at batch `batch`.
+    """Observer: profiles `steps` steps after the `after`-th decode-only step at batch `batch`
+    (with `batch` None: after the `after`-th step of any kind, e.g. the prefill workload's).
 
     Starting and stopping the profiler happen inside observer calls, so the gaps that contain them
     (and the profiled steps) are marked excluded in `log`.
     """
 
-    def __init__(self, log: StepLog, batch: int, after: int = 20, steps: int = 3) -> None:
+    def __init__(self, log: StepLog, batch: int | None, after: int = 20, steps: int = 3) -> None:
         self.log, self.batch, self.after, self.steps = log, batch, after, steps
         self.seen = 0
         self.started_at: int | None = None
@@ -78,7 +79,7 @@ class ProfileWindow:
         if self.result is not None:
             return
         if self.prof is None:
-            if rec.decode_only and rec.num_seqs == self.batch:
+            if self.batch is None or (rec.decode_only and rec.num_seqs == self.batch):
                 self.seen += 1
                 if self.seen == self.after:
                     self._start(index)
@@ -151,8 +152,11 @@ class VattnSystem:
                     "decode_steps_observed": stats.get("decode_steps_at_full_batch", 0)}
         window = None
         if profile_steps and job.kind == "throughput":
-            batch = min(len(job.prompts), self.engine.config.scheduler.max_num_seqs)
-            window = ProfileWindow(self.log, batch, steps=profile_steps)
+            if all(n == 1 for n in job.max_tokens):  # prefill only: profile prefill steps
+                window = ProfileWindow(self.log, None, after=2, steps=profile_steps)
+            else:
+                batch = min(len(job.prompts), self.engine.config.scheduler.max_num_seqs)
+                window = ProfileWindow(self.log, batch, steps=profile_steps)
             self.engine.step_observers.append(window)
         preempted = self.engine.stats().get("num_preemptions") or 0
         self.log.clear()
