@@ -18,6 +18,8 @@ from vattn_ray.executor import make_executor
 from vattn_ray.outputs import CompletionOutput, RequestOutput
 from vattn_ray.sampling_params import SamplingParams
 from vattn_ray.scheduler.plan import StepOutput, StepPlan
+from vattn_ray.startup import check_kv_fits
+from vattn_ray.structured import StructuredOutputs
 
 logger = logging.getLogger(__name__)
 GIB = 1 << 30
@@ -66,14 +68,17 @@ class LLMEngine:
         try:
             infos = self.executor.start()
             self.layout = _agreed_layout(infos)
+            check_kv_fits(config.scheduler.max_model_len, self.layout, min(i.capacity_groups for i in infos))
         except BaseException:
             self.executor.shutdown()  # actors and the placement group must not outlive a failed start
             raise
         from vattn_ray.scheduler import Scheduler
 
-        self.scheduler = Scheduler(config.scheduler, self.layout, [i.capacity_groups for i in infos])
         self.eos_token_ids = _eos_ids(self.tokenizer, config.model.model)
         self.vocab_size = int(read_hf_config(config.model.model)["vocab_size"])
+        self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        self.scheduler = Scheduler(config.scheduler, self.layout, [i.capacity_groups for i in infos],
+                                   annotate_chunks=self.structured.annotate)
         self.requests: dict[str, _Request] = {}
         self.seq_of: dict[str, _Sequence] = {}  # scheduler request id -> sequence
         self.num_steps = 0
@@ -109,6 +114,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize(prompt)
+        if params.structured_outputs is not None:
+            self.structured.compile(params.structured_outputs)  # a bad schema is refused here
         req = _Request(request_id, text, ids)
         added: list[str] = []
         try:
@@ -120,12 +127,15 @@ class LLMEngine:
                                 CompletionOutput(index=i, logprobs=[] if child.logprobs is not None else None))
                 self.scheduler.add_request(seq_id, ids, child, self.eos_token_ids)
                 added.append(seq_id)
+                if child.structured_outputs is not None:
+                    self.structured.add(seq_id, child.structured_outputs)
                 req.seqs.append(seq)
                 self.seq_of[seq_id] = seq
         except ValueError:
             for seq_id in added:
                 self.scheduler.abort(seq_id)
                 self.seq_of.pop(seq_id, None)
+                self.structured.remove(seq_id)
             raise
         self.requests[request_id] = req
 
@@ -139,10 +149,16 @@ class LLMEngine:
                 self.scheduler.abort(seq_id)
                 seq.output.finish_reason = "abort"
             self.seq_of.pop(seq_id, None)
+            self.structured.remove(seq_id)
         return self._make_output(req)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def needs_sync(self) -> bool:
+        """Whether the next step must be planned only after this one is processed: a live request
+        has structured output, whose next token mask depends on the token being sampled now."""
+        return self.structured.needs_sync()
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -172,9 +188,14 @@ class LLMEngine:
             req = seq.parent
             if upd.new_token_ids and req.first_token is None:
                 req.first_token = now
+            ended = self.structured.accept(upd.req_id, upd.new_token_ids)
+            if ended is not None and not upd.finished:  # the grammar is complete: end like a stop token
+                self.scheduler.finish(upd.req_id, ended)
+                upd.finished, upd.finish_reason = True, ended
             self._append(seq, upd)
             if seq.output.finished:
                 self.seq_of.pop(upd.req_id, None)
+                self.structured.remove(upd.req_id)
             touched[req.request_id] = req
         outputs = []
         for req in touched.values():

@@ -15,6 +15,7 @@ import torch
 
 from vattn_ray.sampling_params import SamplingParams
 from vattn_ray.scheduler.plan import SampledToken, SeqChunk
+from vattn_ray.structured import apply_token_masks
 
 _MASK64 = (1 << 64) - 1
 _MIN_TEMPERATURE = 1e-5
@@ -50,6 +51,7 @@ class Sampler:
             raise ValueError(f"{n} logit rows for {len(chunks)} chunks and {len(params)} params")
         if n == 0:
             return []
+        raw, logits = logits, apply_token_masks(logits, chunks)  # structured output; raw for logprobs
         tokens = logits.argmax(dim=-1)  # greedy rows keep this; random rows are overwritten below
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
@@ -58,7 +60,7 @@ class Sampler:
             noise = self._exponential_noise(probs.shape, logits.device, [chunks[i] for i in random_rows],
                                             [params[i] for i in random_rows])
             tokens[rows] = (probs / noise).argmax(dim=-1)
-        return self._outputs(logits, tokens, chunks, params)
+        return self._outputs(raw, tokens, chunks, params)
 
     def _filtered_probs(self, logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
         """Softmax of logits / temperature restricted to each row's top-k and top-p set."""
