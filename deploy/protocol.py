@@ -40,6 +40,8 @@ class _SamplingFields(_Request):
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema"}
+    structured_outputs: dict[str, Any] | None = None  # vLLM: {"json" | "regex" | "choice" | "grammar": ...}
 
 
 class CompletionRequest(_SamplingFields):
@@ -63,9 +65,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True  # vLLM extension
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM extension: extra chat-template variables
 
 
 # ---- responses ------------------------------------------------------------------------------

@@ -90,6 +90,11 @@ class AsyncLLMEngine:
         with self._lock:
             return self.engine.stats()
 
+    def compile_structured(self, spec) -> None:
+        """Compile a structured-output constraint now (thread-safe, cached), so that admitting its
+        request does not compile it under the engine lock; ValueError if it is invalid."""
+        self.engine.structured.compile(spec)
+
     def check_health(self) -> None:
         if self._error is not None:
             raise EngineDeadError(f"engine loop stopped: {self._error!r}") from self._error

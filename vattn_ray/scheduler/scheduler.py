@@ -56,6 +56,8 @@ class SchedulerStats:
     num_steps: int
     num_kv_failures: int
     live_tokens: int = 0  # tokens in the KV cache of running requests
+    groups_mapped_total: int = 0  # page groups the shards were told to map since start-up
+    groups_unmapped_total: int = 0
 
 
 
@@ -488,7 +490,8 @@ class Scheduler:
         s = self._slots
         return SchedulerStats(len(self._running), len(self._waiting), self._num_preemptions, s.total_mapped,
                               s.free_groups, s.idle_groups, s.capacity, self._step, self._num_kv_failures,
-                              sum(r.num_computed for r in self._running.values()))
+                              sum(r.num_computed for r in self._running.values()),
+                              s.groups_mapped_total, s.groups_unmapped_total)
 
     def check_integrity(self) -> None:
         """Raise AssertionError if queues, slot table and page accounting disagree."""
