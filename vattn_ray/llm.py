@@ -49,7 +49,9 @@ class LLM:
              chat_template_kwargs: Mapping[str, Any] | None = None) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of ``{"role", "content"}`` messages) or to
         a list of conversations, rendered with the checkpoint's chat template; see `generate`."""
-        conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
+        if not messages:
+            raise ValueError("messages is empty; send at least one message")
+        conversations = [messages] if isinstance(messages[0], Mapping) else list(messages)
         rendered = [apply_chat_template(self.get_tokenizer(), conv, add_generation_prompt=add_generation_prompt,
                                         continue_final_message=continue_final_message,
                                         chat_template=chat_template, chat_template_kwargs=chat_template_kwargs)
