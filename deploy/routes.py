@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Body, FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from deploy.errors import APIError
 from deploy.protocol import ChatMessage, _Request
@@ -77,7 +78,13 @@ def add_routes(app: FastAPI, server) -> None:
     """Mount the routes above on `app`, over the `OpenAIServer` `server`."""
 
     @app.post("/tokenize")
-    async def tokenize_route(req: TokenizeChatRequest | TokenizeCompletionRequest) -> TokenizeResponse:
+    async def tokenize_route(body: dict[str, Any] = Body(...)) -> TokenizeResponse:
+        # Dispatch on the body's shape, so a validation error names the fields of that shape.
+        kind = TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest
+        try:
+            req = kind.model_validate(body)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from exc
         return await asyncio.to_thread(tokenize, server, req)
 
     @app.post("/detokenize")
