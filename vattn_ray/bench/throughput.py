@@ -9,6 +9,8 @@ Systems (all greedy, ignoring EOS so every request makes exactly --output-len to
   hf-cb      transformers continuous batching (`generate_batch`, paged cache), if available
 Also reports the decode step time of vattn against the roofline: (weight bytes + KV bytes read
 per step) / measured HBM bandwidth (a device-to-device copy, bytes read + written).
+During the vattn run the engine's KV statistics are sampled every --stats-interval seconds
+(`kv_timeline`: page groups mapped / free / idle, running / waiting requests); --plot draws them.
 """
 
 from __future__ import annotations
@@ -75,9 +77,14 @@ def run_vattn(args, prompts: list[list[int]]) -> dict:
     decode_steps: list[tuple[float, int, int]] = []  # (seconds, batch, tokens of context read)
     out_tokens = 0
     extra: dict = {}
+    timeline: list[dict] = []
     _sync(device)
     t0 = time.perf_counter()
+    next_sample = t0
     while engine.has_unfinished_requests():
+        if time.perf_counter() >= next_sample:  # between steps: the books are exact there
+            timeline.append(_kv_sample(engine, time.perf_counter() - t0))
+            next_sample += args.stats_interval
         plan = engine.schedule()
         if plan is None:
             continue
@@ -95,6 +102,7 @@ def run_vattn(args, prompts: list[list[int]]) -> dict:
         if decode_only:
             decode_steps.append((dt, len(plan.seqs), sum(s.end for s in plan.seqs)))
     elapsed = time.perf_counter() - t0
+    timeline.append(_kv_sample(engine, elapsed))
     peak = _used_bytes(device)
     weight_bytes = sum(p.numel() * p.element_size() for p in _model(engine).parameters())
     embed_bytes = _embedding_bytes(engine)
@@ -107,6 +115,7 @@ def run_vattn(args, prompts: list[list[int]]) -> dict:
         "weight_bytes": weight_bytes,
         "kv_pool_gib": engine.executor.worker.kv.num_page_groups * layout.page_group_bytes / GIB,
         "num_preemptions": engine.stats().get("num_preemptions"), "decode_steps": len(decode_steps),
+        "kv_timeline": timeline,
     }
     if full:
         med = statistics.median(s[0] for s in full)
@@ -118,6 +127,12 @@ def run_vattn(args, prompts: list[list[int]]) -> dict:
         })
     llm.shutdown()
     return result
+
+
+def _kv_sample(engine, t: float) -> dict:
+    s = engine.stats()
+    return {"t": round(t, 4), **{k: s[k] for k in ("num_running", "num_waiting", "num_groups_mapped",
+                                                   "num_groups_free", "num_groups_idle", "kv_fragmentation")}}
 
 
 def _profiled(engine, plan):
@@ -227,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--systems", default="vattn,hf,hf-cb", help="comma list of vattn, vattn-g1, hf, hf-cb")
     ap.add_argument("--profile", action="store_true", help="print a kernel breakdown of one decode step")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--plot", default=None, help="draw the report's figures into this file (matplotlib)")
+    ap.add_argument("--stats-interval", type=float, default=0.05, help="seconds between KV samples")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from vattn_ray.config import read_hf_config, resolve_model_path
@@ -259,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:  # after every system, so a slow baseline cut short loses nothing before it
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=2)
+    if args.plot:
+        from vattn_ray.bench.plots import plot_throughput
+
+        plot_throughput(report, args.plot)
     print(render(report))
     return 0
 
