@@ -37,6 +37,12 @@ def _cdf(ax, values: list[float], label: str) -> None:
     ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=label)
 
 
+def _note_if_empty(ax, what: str) -> None:
+    """Reports of older runs lack some samples: say so on the panel instead of drawing nothing."""
+    if not ax.lines:
+        ax.text(0.5, 0.5, f"no {what} in this report", ha="center", va="center", transform=ax.transAxes)
+
+
 def _kv_timeline(ax, timeline: list[dict], title: str) -> None:
     """Page groups mapped / free / idle (left axis) and running / waiting requests (right axis)."""
     if not timeline:
@@ -77,14 +83,16 @@ def plot_serving(report: dict, path: str) -> None:
     right.legend(loc="lower right", fontsize=7)
     for r in results:
         label = f"{r['rate']:g} req/s"
-        _cdf(axes[0][1], [1e3 * q["ttft_s"] for q in r["requests"] if q.get("ttft_s") is not None], label)
+        _cdf(axes[0][1], [1e3 * q["ttft_s"] for q in r.get("requests", []) if q.get("ttft_s") is not None], label)
         _cdf(axes[1][0], [1e3 * x for x in r.get("itl_s", [])], label)
     for ax, name in ((axes[0][1], "TTFT"), (axes[1][0], "inter-token latency")):
         ax.set_xlabel(f"{name} (ms)")
         ax.set_ylabel("fraction of samples")
         ax.set_title(f"{name} CDF")
-        ax.set_xscale("log")
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.set_xscale("log")
+            ax.legend(fontsize=7)
+        _note_if_empty(ax, f"per-request {name} samples")
     timeline, offset = [], 0.0
     for r in results:  # the rates ran one after the other: lay their samples end to end
         timeline += [{**s, "t": s["t"] + offset} for s in r.get("kv_timeline", [])]
@@ -116,11 +124,17 @@ def plot_kv(report: dict, path: str) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     rows = report["throughput"]
-    labels = [f"G={r['G']}\n{r['mode']}\n{r['op']}" for r in rows]
-    axes[0].bar(range(len(rows)), [r["GB_per_s"] for r in rows])
-    axes[0].set_xticks(range(len(rows)), labels, fontsize=6)
+    groups = list(dict.fromkeys((r["G"], r["mode"]) for r in rows))  # (G, mode) in report order
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    width = 0.8 / len(ops)
+    for i, op in enumerate(ops):
+        by_group = {(r["G"], r["mode"]): r["GB_per_s"] for r in rows if r["op"] == op}
+        axes[0].bar([j + (i - (len(ops) - 1) / 2) * width for j in range(len(groups))],
+                    [by_group.get(g, 0) for g in groups], width, label=op)
+    axes[0].set_xticks(range(len(groups)), [f"G={g}\n{mode}" for g, mode in groups], fontsize=7)
     axes[0].set_ylabel("GB/s")
     axes[0].set_title("map / unmap throughput")
+    axes[0].legend(fontsize=7)
     decode = report["decode"]
     width = 0.25
     for i, (key, label) in enumerate((("premapped_ms", "pre-mapped"), ("on_demand_ms", "on demand"),
