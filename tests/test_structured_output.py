@@ -37,7 +37,7 @@ PERSON = {
     "required": ["name", "age", "tags", "address"],
 }
 PROMPTS = ["Give me a person as JSON:", "Hello", "The quick brown fox", "{"]
-ENGINE = dict(device="cpu", max_model_len=512)
+ENGINE = dict(device="cpu", max_model_len=512, page_bytes=4096)  # small pages: short slots, fast CPU attention
 
 
 @pytest.fixture(scope="module")
