@@ -15,6 +15,7 @@ from ray import serve
 from ray.serve import Application
 
 from deploy.args import AppArgs
+from deploy.auth import resolve_api_key
 from deploy.llm_config import is_llm_config_shaped, to_app_args
 from deploy.server import OpenAIServer, create_app
 from placement import check_resources, serve_deployment_options
@@ -42,12 +43,14 @@ class LLMServer:
     def __init__(self, args: dict, device: str, engine_factory: EngineFactory | None = None) -> None:
         self.args = AppArgs(**args)
         self.engine = (engine_factory or make_engine)(self.args, device)
-        self.server = OpenAIServer(self.engine, self.args.served_names)
+        self.server = OpenAIServer(self.engine, self.args.served_names,
+                                   max_request_bytes=self.args.max_request_bytes)
+        self.server.replica_id = _replica_id()
         self._poller: asyncio.Task | None = None
 
     async def __serve_build_asgi_app__(self):
         self._poller = asyncio.get_running_loop().create_task(self._export_stats())
-        return create_app(self.server)
+        return create_app(self.server, api_key=resolve_api_key(self.args.api_key))
 
     async def _export_stats(self) -> None:
         while True:
@@ -67,6 +70,13 @@ class LLMServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _replica_id() -> str | None:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside a Serve replica (tests)
+        return None
 
 
 def resolve_device(args: AppArgs) -> str:

@@ -8,7 +8,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deploy.limits import DEFAULT_MAX_REQUEST_BYTES
 from vattn_ray.config import EngineArgs
+
+# Engine knobs are declared once, in EngineArgs; the app takes their defaults from there.
+_ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineArgs)}
 
 
 class AppArgs(BaseModel):
@@ -33,8 +37,16 @@ class AppArgs(BaseModel):
     kv_layers_per_tensor: int | Literal["auto"] = "auto"
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     kv_cache_memory_bytes: int | None = Field(None, ge=1)
-    attention_backend: Literal["auto", "torch", "flash_attn", "sdpa"] = "auto"
+    attention_backend: Literal["auto", "triton", "torch", "flash_attn", "sdpa"] = "auto"
     seed: int = 0
+    max_queued_requests: int | None = Field(_ENGINE_DEFAULTS["max_queued_requests"], ge=1, description=(
+        "Sequences that may wait for a KV slot; past it requests get 429 with Retry-After"))
+    step_timeout_s: float = Field(_ENGINE_DEFAULTS["step_timeout_s"], gt=0, description=(
+        "The watchdog: with work but no step finished for this long, /health turns 503"))
+    # --- HTTP
+    api_key: str | None = Field(None, description="Require 'Authorization: Bearer <key>' on /v1/* and "
+                                "/stats (default: the VATTN_RAY_API_KEY environment variable, if set)")
+    max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1, description="Largest request body (413)")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Other engine arguments "
                                           "(fields of vattn_ray.config.EngineArgs, e.g. enforce_eager, "
                                           "enable_chunked_prefill, generation_config)")
@@ -51,7 +63,6 @@ class AppArgs(BaseModel):
     num_replicas: int | Literal["auto"] | None = None
     autoscaling_config: dict[str, Any] | None = None
     max_ongoing_requests: int | None = Field(None, ge=1)
-    max_queued_requests: int | None = None
     health_check_period_s: float | None = Field(None, gt=0)
     health_check_timeout_s: float | None = Field(None, gt=0)
     stats_interval_s: float = Field(1.0, gt=0, description="How often engine gauges are exported")
@@ -99,10 +110,12 @@ class AppArgs(BaseModel):
             gpu_memory_utilization=self.gpu_memory_utilization,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes, kv_layers_per_tensor=self.kv_layers_per_tensor,
             attention_backend=self.attention_backend, placement_strategy=self.placement_strategy,
-            accelerator_type=self.accelerator_type, seed=self.seed, **self.engine_kwargs)
+            accelerator_type=self.accelerator_type, seed=self.seed,
+            max_queued_requests=self.max_queued_requests, step_timeout_s=self.step_timeout_s,
+            **self.engine_kwargs)
 
     def deployment_options(self) -> dict[str, Any]:
         """Serve options that were set (unset ones keep Serve's defaults)."""
-        names = ("num_replicas", "autoscaling_config", "max_ongoing_requests", "max_queued_requests",
-                 "health_check_period_s", "health_check_timeout_s")
+        names = ("num_replicas", "autoscaling_config", "max_ongoing_requests", "health_check_period_s",
+                 "health_check_timeout_s")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}

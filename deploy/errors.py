@@ -20,20 +20,27 @@ logger = logging.getLogger(__name__)
 
 # SamplingParams and the engine start their ValueError messages with the offending field's name.
 _LEADING_FIELD = re.compile(r"^([a-z][a-z_]*) ")
+_LOC_PART = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*|\d+)$")
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 _KNOWN_PARAMS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-                 "logprobs", "n", "min_tokens", "prompt", "messages", "top_logprobs"}
+                 "logprobs", "n", "min_tokens", "prompt", "messages", "top_logprobs", "repetition_penalty",
+                 "presence_penalty", "frequency_penalty", "min_p", "logit_bias"}
 
 
 class APIError(Exception):
     """An error to answer with an OpenAI error body."""
 
     def __init__(self, message: str, *, status: int = 400, param: str | None = None,
-                 code: str | None = None, type: str = "invalid_request_error") -> None:
+                 code: str | None = None, type: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message, self.status, self.param, self.code, self.type = message, status, param, code, type
+        self.headers = headers or {}
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, param=self.param, code=self.code, type=self.type)
+        response = error_response(self.status, self.message, param=self.param, code=self.code, type=self.type)
+        response.headers.update(self.headers)
+        return response
 
     @classmethod
     def from_value_error(cls, exc: ValueError, param: str | None = None) -> "APIError":
@@ -61,8 +68,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request body", None
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # Of a union's errors, a bound or a size says more than "not a string" from another member.
+    first = min(errors, key=lambda e: str(e.get("type", "")).endswith("_type"))
+    # Union members add their type to the location ("stop", "list[constrained-str]", 0): keep
+    # only field names and indexes, which is what `param` means to a client.
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and _LOC_PART.match(str(p))
+           and str(p) not in _TYPE_TAGS]
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON ({first.get('msg', '')}); send a JSON object", None
     param = ".".join(loc) or None

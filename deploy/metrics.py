@@ -198,22 +198,33 @@ class RequestTimer:
         self.start = time.monotonic()
         self.first: dict[int, float] = {}  # sequence index -> time of its first token
         self.last: dict[int, float] = {}  # ... of its latest token
+        self.count: dict[int, int] = {}  # ... its tokens so far (outputs may be deltas)
         self.done: set[int] = set()
 
     def on_output(self, out) -> None:
-        """Record what a `RequestOutput` brought: new tokens and finished sequences."""
+        """Record what a `RequestOutput` brought: new tokens and finished sequences.
+
+        A streamed request brings every step's tokens as they come (one gap each); a plain one
+        only its final output, with all its tokens: its first token is timed by the engine
+        (`first_token_time`) and its later gaps are counted at their mean (count and sum exact).
+        """
         now = time.monotonic()
         m = self.metrics
         for o in out.outputs:
             new = len(o.delta_token_ids)
             if new:
                 m.generation_tokens.record(new)
+                self.count[o.index] = self.count.get(o.index, 0) + new
                 if o.index not in self.first:
-                    self.first[o.index] = now
-                    m.ttft.record(now - self.start)
+                    first = min(now, out.metrics.get("first_token_time") or now)
+                    self.first[o.index] = first
+                    m.ttft.record(first - self.start)
                     m.prompt_tokens.record(self.prompt_tokens)
+                    gaps, since = new - 1, first  # tokens that came with the first one
                 else:
-                    m.itl.record(now - self.last[o.index])
+                    gaps, since = new, self.last[o.index]
+                for _ in range(gaps):
+                    m.itl.record((now - since) / gaps)
                 self.last[o.index] = now
             if o.finish_reason is not None and o.index not in self.done:
                 self._finished(o, now)
@@ -224,6 +235,7 @@ class RequestTimer:
         m.e2e.record(now - self.start)
         m.request_success.record(1, finished_reason=o.finish_reason)
         m.request_prompt_tokens.record(self.prompt_tokens)
-        m.request_generation_tokens.record(len(o.token_ids))
-        if len(o.token_ids) > 1 and o.index in self.first:
-            m.tpot.record((self.last[o.index] - self.first[o.index]) / (len(o.token_ids) - 1))
+        tokens = self.count.get(o.index, 0)
+        m.request_generation_tokens.record(tokens)
+        if tokens > 1:
+            m.tpot.record((self.last[o.index] - self.first[o.index]) / (tokens - 1))

@@ -1,21 +1,32 @@
 """OpenAI wire format (the subset we serve), as pydantic models.
 
-Requests accept unknown fields (the official clients add new ones over time) and a few vLLM
-extensions (`top_k`, `min_tokens`, `ignore_eos`, `stop_token_ids`). Values are range-checked by
-`SamplingParams`, not here, so every sampling error message comes from one place.
+Requests carry a few vLLM extensions (`top_k`, `min_tokens`, `ignore_eos`, `stop_token_ids`,
+`repetition_penalty`, `min_p`). Here every value gets its type, a finite float, an integer inside
+int64 and a bounded list size (deploy/limits.py); sampling ranges are checked by `SamplingParams`,
+so every sampling error message comes from one place. Fields not declared here are kept in
+`model_extra` and judged by `deploy.limits.check_fields` (unknown -> 400).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deploy.limits import (MAX_CONTENT_PARTS, MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_PROMPTS, MAX_STOP,
+                           MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS)
+
+# JSON numbers become Python ints of any size; anything past int64 is refused here (strict: no
+# bools, no 1.0 for an integer).
+Int = Annotated[int, Field(strict=True, ge=-(1 << 63), le=(1 << 63) - 1)]
+TokenId = Annotated[int, Field(strict=True, ge=0, le=(1 << 31) - 1)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model_config = ConfigDict(extra="allow", protected_namespaces=(), allow_inf_nan=False)
 
 
 class StreamOptions(BaseModel):
@@ -24,47 +35,50 @@ class StreamOptions(BaseModel):
 
 class _SamplingFields(_Request):
     model: str | None = None  # None: the served model
-    n: int = 1
+    n: Int = 1
     temperature: float | None = None
     top_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: Int | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     user: str | None = None
     # vLLM extensions
-    top_k: int | None = None
-    min_tokens: int = 0
+    top_k: Int | None = None
+    min_tokens: Int = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    repetition_penalty: float | None = None
+    min_p: float | None = None
     response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema"}
     structured_outputs: dict[str, Any] | None = None  # vLLM: {"json" | "regex" | "choice" | "grammar": ...}
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: (str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | list[TokenId]
+             | Annotated[list[list[TokenId]], Field(max_length=MAX_PROMPTS)])
+    max_tokens: Int | None = 16
+    logprobs: Int | None = None
     echo: bool = False
-    best_of: int | None = None
+    best_of: Int | None = None
     suffix: str | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_CONTENT_PARTS)] | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    messages: Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES)]
+    max_tokens: Int | None = None
+    max_completion_tokens: Int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = None
     tools: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True  # vLLM extension
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM extension: extra chat-template variables

@@ -4,31 +4,46 @@
 `create_app` puts it behind FastAPI routes. The engine is injected (the Serve replica builds the
 real one; HTTP tests may pass another object with the same methods), so nothing here knows how
 the engine is made or placed.
+
+Nothing slow runs on the event loop (it also answers health checks and feeds every other stream):
+the body is read with a size bound, then parsing, validation, chat templating and tokenization run
+on a small thread pool (`offload`); a prompt too long to ever fit is refused before tokenizing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
 
+from deploy.auth import APIKeyMiddleware
 from deploy.errors import APIError, error_body, install_error_handlers
 from deploy.formatting import TokenText, chat_logprobs, completion_logprobs, sse, usage
+from deploy.limits import DEFAULT_MAX_REQUEST_BYTES, check_depth, check_fields, read_body
 from deploy.metrics import RequestTimer, ServerMetrics
 from deploy.protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
                              CompletionChoice, CompletionRequest, CompletionResponse, ModelCard,
                              ModelList, new_id, now)
 from deploy.response_format import structured_outputs
-from deploy.routes import add_routes
+from deploy.routes import DetokenizeRequest, TokenizeRequest, add_routes
 from vattn_ray.async_engine import EngineDeadError
 from vattn_ray.outputs import RequestOutput
-from vattn_ray.sampling_params import SamplingParams
+from vattn_ray.sampling_params import RequestOutputKind, SamplingParams
+from vattn_ray.scheduler.request import QueueFull
+
+T = TypeVar("T", bound=BaseModel)
+RETRY_AFTER_S = 1  # what a 429 asks the client to wait
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +58,7 @@ class _EngineRequest:
     stream: AsyncIterator[RequestOutput]
     timer: RequestTimer
     last: RequestOutput | None = None
+    num_generated: int = 0  # tokens over all n sequences (outputs are deltas when streaming)
 
     @property
     def finished(self) -> bool:
@@ -52,7 +68,8 @@ class _EngineRequest:
 class OpenAIServer:
     """Completions and chat completions over one engine; see `create_app` for the routes."""
 
-    def __init__(self, engine, served_model_name: str | list[str], metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, engine, served_model_name: str | list[str], metrics: ServerMetrics | None = None,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         self.engine = engine
         # Clients may send any of the names; responses and metrics use the first (vLLM's rule).
         self.model_names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
@@ -65,6 +82,21 @@ class OpenAIServer:
         self.token_text = TokenText(engine.tokenizer)
         self.metrics = metrics or ServerMetrics(self.model_name, self.max_model_len)
         self.num_client_aborts = 0
+        self.max_request_bytes = max_request_bytes
+        # A token covers at most this many bytes of text, and a character is at least one byte
+        # (normalization may shrink text, hence the margin): longer text can never fit.
+        self.max_prompt_chars = self.max_model_len * _max_token_bytes(self.tokenizer) * 4
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vattn-http")
+        self.replica_id: str | None = None  # set by the Serve replica, reported in /stats
+
+    async def offload(self, fn: Callable[..., T], *args) -> T:
+        """`fn(*args)` on the server's thread pool: keeps CPU work off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def parse(self, request: Request, model: type[T]) -> T:
+        """The request body as `model`: size-bounded read, JSON parsing and validation off the loop."""
+        body = await read_body(request, self.max_request_bytes)
+        return await self.offload(_validate, model, body)
 
     # ---- validation -------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -73,14 +105,12 @@ class OpenAIServer:
             raise APIError(f"The model {model!r} does not exist; this server serves {served!r} "
                            "(see GET /v1/models)", status=404, param="model", code="model_not_found")
 
-    @staticmethod
-    def reject_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
-        """Say so instead of silently ignoring a field that would change the result."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(req, name):
-                raise APIError(f"{name} is not supported; omit it or set it to 0", param=name)
-        if req.logit_bias:
-            raise APIError("logit_bias is not supported; omit it", param="logit_bias")
+    def check_prompt_text(self, text: str, param: str) -> None:
+        """400 without tokenizing when `text` is too long to ever fit the context window."""
+        if len(text) > self.max_prompt_chars:
+            raise APIError(f"{param} has {len(text)} characters, far more than this model's maximum context "
+                           f"length of {self.max_model_len} tokens can hold; shorten it", param=param,
+                           code="context_length_exceeded")
 
     def _check_ids(self, ids: list[int], param: str) -> list[int]:
         if not ids:
@@ -100,6 +130,7 @@ class OpenAIServer:
             if isinstance(p, str):
                 if not p:
                     raise APIError("prompt is an empty string; send at least one character", param="prompt")
+                self.check_prompt_text(p, "prompt")
                 out.append(list(self.tokenizer.encode(p)))
             else:
                 out.append(self._check_ids(list(p), "prompt"))
@@ -120,7 +151,9 @@ class OpenAIServer:
                                        "parts are supported", param=f"messages.{i}.content")
                     parts.append(str(part.get("text", "")))
                 content = "\n".join(parts)
+            check_depth(m.model_extra, f"messages.{i}")
             messages.append({"role": m.role, "content": content or ""})
+        self.check_prompt_text("".join(m["content"] for m in messages), "messages")
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise APIError(f"model {self.model_name!r} has no chat template; use /v1/completions",
                            param="messages")
@@ -162,26 +195,33 @@ class OpenAIServer:
 
         structured = structured_outputs(req.response_format, req.structured_outputs)
         try:
-            return SamplingParams(
+            params = SamplingParams(
                 max_tokens=max_tokens, n=req.n,
                 temperature=pick("temperature", req.temperature, 1.0),
                 top_p=pick("top_p", req.top_p, 1.0),
                 top_k=pick("top_k", req.top_k, -1),
                 seed=req.seed, stop=req.stop or (), stop_token_ids=req.stop_token_ids or (),
                 ignore_eos=req.ignore_eos, logprobs=logprobs, min_tokens=req.min_tokens,
-                structured_outputs=structured)
+                repetition_penalty=pick("repetition_penalty", req.repetition_penalty, 1.0),
+                presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+                min_p=pick("min_p", req.min_p, 0.0), logit_bias=_logit_bias(req.logit_bias),
+                structured_outputs=structured,
+                # A stream needs what is new each step; a plain response only the end.
+                output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY)
         except ValueError as exc:
             raise APIError.from_value_error(exc) from exc
+        self.compile_structured(params)
+        return params
 
-    async def prepare(self, params: SamplingParams) -> None:
-        """Compile a structured-output constraint on a worker thread before admission (cached, so
-        the engine's admission finds it ready); 400 when the constraint cannot be compiled."""
+    def compile_structured(self, params: SamplingParams) -> None:
+        """Compile a structured-output constraint now (on the pool: `prepare_*` run there), so the
+        engine finds it compiled at admission; 400 when it cannot be compiled."""
         spec = params.structured_outputs
         compile_fn = getattr(self.engine, "compile_structured", None)
         if spec is None or compile_fn is None:
             return
         try:
-            await asyncio.to_thread(compile_fn, spec)
+            compile_fn(spec)
         except ValueError as exc:
             raise APIError(str(exc), param="response_format") from exc
 
@@ -202,12 +242,13 @@ class OpenAIServer:
                 if not isinstance(f, BaseException):
                     r.last = f
             await self.abort(reqs, client_gone=False)
+            if isinstance(errors[0], QueueFull):
+                raise APIError(f"this server is at capacity: {errors[0]}", status=429, type="requests",
+                               code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)})
             if isinstance(errors[0], ValueError):
                 raise APIError.from_value_error(errors[0])
             if isinstance(errors[0], EngineDeadError):
-                # 503: the replica is unhealthy; Serve's health check will replace it.
-                raise APIError(str(errors[0]), status=503, type="server_error",
-                               code="engine_unavailable") from errors[0]
+                raise _unavailable(errors[0]) from errors[0]
             raise errors[0]
         for r, first in zip(reqs, firsts):
             self._observe(r, first)
@@ -215,11 +256,20 @@ class OpenAIServer:
 
     def _observe(self, r: _EngineRequest, out: RequestOutput) -> None:
         r.last = out
+        r.num_generated += sum(len(o.delta_token_ids) for o in out.outputs)
         r.timer.on_output(out)
 
     async def outputs(self, reqs: list[_EngineRequest]
                       ) -> AsyncIterator[tuple[_EngineRequest, RequestOutput]]:
-        """Every output of every request as it comes (the first ones, already fetched, first)."""
+        """Every output of every request as it comes; a dead engine is a 503 `APIError`."""
+        try:
+            async for item in self._outputs(reqs):
+                yield item
+        except EngineDeadError as exc:
+            raise _unavailable(exc) from exc
+
+    async def _outputs(self, reqs: list[_EngineRequest]
+                       ) -> AsyncIterator[tuple[_EngineRequest, RequestOutput]]:
         for r in reqs:
             yield r, r.last
         live = [r for r in reqs if not r.finished]
@@ -281,9 +331,10 @@ class OpenAIServer:
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=name, max_model_len=self.max_model_len) for name in self.model_names])
 
-    async def completions(self, req: CompletionRequest):
+    def prepare_completion(self, req: CompletionRequest) -> tuple[list[list[int]], list[SamplingParams]]:
+        """Validate and tokenize (CPU work: runs on the pool)."""
         self.check_model(req.model)
-        self.reject_unsupported(req)
+        check_fields(req.model_extra)
         if req.echo and req.logprobs is not None:
             raise APIError("echo with logprobs needs prompt log-probabilities, which are not supported yet; "
                            "omit one of them", param="echo")
@@ -294,7 +345,10 @@ class OpenAIServer:
         prompts = self.completion_prompts(req.prompt)
         params = [self.sampling_params(req, self.max_tokens(req.max_tokens, len(p), "max_tokens", "prompt"),
                                        req.logprobs) for p in prompts]
-        await self.prepare(params[0])
+        return prompts, params
+
+    async def completions(self, req: CompletionRequest):
+        prompts, params = await self.offload(self.prepare_completion, req)
         rid = new_id("cmpl")
         reqs = await self.start(prompts, params, rid)
         echo = self._echo_texts(req, prompts)
@@ -355,9 +409,10 @@ class OpenAIServer:
         finally:
             await self.abort(reqs)
 
-    async def chat(self, req: ChatCompletionRequest):
+    def prepare_chat(self, req: ChatCompletionRequest) -> tuple[list[int], SamplingParams, int | None]:
+        """Validate, apply the chat template and tokenize (CPU work: runs on the pool)."""
         self.check_model(req.model)
-        self.reject_unsupported(req)
+        check_fields(req.model_extra)
         if req.tools:
             raise APIError("tools are not supported; omit them", param="tools")
         if req.top_logprobs is not None and not req.logprobs:
@@ -369,7 +424,10 @@ class OpenAIServer:
         wanted, param = ((req.max_completion_tokens, "max_completion_tokens")
                          if req.max_completion_tokens is not None else (req.max_tokens, "max_tokens"))
         params = self.sampling_params(req, self.max_tokens(wanted, len(ids), param, "messages"), k)
-        await self.prepare(params)
+        return ids, params, k
+
+    async def chat(self, req: ChatCompletionRequest):
+        ids, params, k = await self.offload(self.prepare_chat, req)
         rid = new_id("chatcmpl")
         reqs = await self.start([ids], [params], rid)
         if req.stream:
@@ -420,14 +478,22 @@ class OpenAIServer:
     @staticmethod
     def _usage(reqs: list[_EngineRequest]):
         prompt = sum(r.prompt_len for r in reqs)
-        completion = sum(len(o.token_ids) for r in reqs for o in r.last.outputs)
+        completion = sum(r.num_generated for r in reqs)
         return usage(prompt, completion)
 
     # ---- operations ---------------------------------------------------------------------------
-    def stats(self) -> dict:
-        """Engine statistics plus this server's own counters (a vattn-ray extension)."""
+    async def stats(self, check_integrity: bool = False) -> dict:
+        """Engine statistics plus this server's own counters (a vattn-ray extension); with
+        `check_integrity`, the engine's books are checked against every shard's page tables."""
         out = dict(self.engine.stats())
         out["num_client_aborts"] = self.num_client_aborts
+        out["pid"], out["replica"] = os.getpid(), self.replica_id
+        if check_integrity:
+            try:
+                await self.engine.check_integrity()
+                out["integrity"] = "ok"
+            except AssertionError as exc:
+                out["integrity"] = f"failed: {exc}"
         return jsonable_encoder(out)
 
     def record_engine_stats(self) -> None:
@@ -446,17 +512,77 @@ def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def _unavailable(exc: BaseException) -> APIError:
+    """503 for a dead or stuck engine: the replica is unhealthy and Serve replaces it; a request
+    that got no token yet may be sent again."""
+    return APIError(str(exc), status=503, type="server_error", code="engine_unavailable")
+
+
+def _validate(model: type[T], body: bytes) -> T:
+    try:
+        return model.model_validate_json(body)  # nesting past ~200 levels is a json_invalid error
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI sends token ids as JSON object keys (strings)."""
+    out = {}
+    for key, value in (bias or {}).items():
+        if not key.isdigit():
+            raise APIError(f"logit_bias key {key!r} is not a token id; use token ids as keys", param="logit_bias")
+        out[int(key)] = value
+    return out
+
+
+def _max_token_bytes(tokenizer) -> int:
+    """UTF-8 bytes of the longest vocabulary entry (an upper bound of what one token covers)."""
+    try:
+        return max(len(t.encode()) for t in tokenizer.get_vocab()) or 1
+    except Exception:  # noqa: BLE001 - a tokenizer without a vocabulary: be generous
+        return 64
+
+
 def _stream_error(exc: Exception) -> str:
+    if isinstance(exc, EngineDeadError):
+        exc = _unavailable(exc)
     if not isinstance(exc, APIError):
         logger.exception("stream failed", exc_info=exc)
         exc = APIError(f"generation failed: {exc}", status=500, type="server_error")
     return sse(error_body(exc)) + sse("[DONE]")
 
 
-def create_app(server: OpenAIServer) -> FastAPI:
-    """FastAPI routes over `server`; every error is an OpenAI error body."""
+def _body(model: type[BaseModel]) -> dict:
+    """OpenAPI request body of a route that parses its body itself (see `OpenAIServer.parse`)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _with_request_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None:
+    """Publish the request models in the OpenAPI document (clients and schema fuzzers read it)."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(schema.pop("$defs", {}))
+                schemas[model.__name__] = schema
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def create_app(server: OpenAIServer, api_key: str | None = None) -> FastAPI:
+    """FastAPI routes over `server`; every error is an OpenAI error body. With `api_key`, `/v1/*`
+    and `/stats` need ``Authorization: Bearer <api_key>`` (401 otherwise)."""
     app = FastAPI(title="vattn-ray", summary="OpenAI-compatible LLM server")
     install_error_handlers(app)
+    _with_request_schemas(app, [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest])
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
     add_routes(app, server)  # /tokenize, /detokenize, /metrics
 
     @app.get("/health")
@@ -472,15 +598,15 @@ def create_app(server: OpenAIServer) -> FastAPI:
         return server.models()
 
     @app.get("/stats")
-    async def stats() -> dict:
-        return server.stats()
+    async def stats(check_integrity: bool = False) -> dict:
+        return await server.stats(check_integrity)
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        return await server.completions(req)
+    @app.post("/v1/completions", openapi_extra=_body(CompletionRequest))
+    async def completions(request: Request):
+        return await server.completions(await server.parse(request, CompletionRequest))
 
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest):
-        return await server.chat(req)
+    @app.post("/v1/chat/completions", openapi_extra=_body(ChatCompletionRequest))
+    async def chat(request: Request):
+        return await server.chat(await server.parse(request, ChatCompletionRequest))
 
     return app

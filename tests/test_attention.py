@@ -1,13 +1,17 @@
-"""The sdpa backend against a naive per-sequence reference, on mixed prefill/decode batches."""
+"""The sdpa backend against a naive per-sequence reference, on mixed prefill/decode batches; backend choice."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
+import sys
 
 import pytest
 import torch
 
-from vattn_ray.attention import build_metadata, get_backend
+from vattn_ray.attention import build_metadata, get_backend, resolve_backend
+from vattn_ray.config import EngineArgs
 from vattn_ray.kvcache import KVManager
 from vattn_ray.layout import KVLayout
 from vattn_ray.scheduler.plan import KVOp, SeqChunk
@@ -113,3 +117,38 @@ def test_get_backend_errors():
             get_backend("flash_attn")
     else:
         assert get_backend("flash_attn").name == "flash_attn"
+
+
+def test_auto_backend_selection(monkeypatch, caplog):
+    """"auto": sdpa on CPU; on CUDA the Triton backend, or FlashAttention-2 with the reason logged."""
+    assert resolve_backend("auto", "cpu", 128) == "sdpa"
+    assert resolve_backend("torch", "cuda", 128) == "torch"  # an explicit choice is kept
+    assert resolve_backend("triton", "cuda", 80) == "triton"
+    assert resolve_backend("auto", "cuda", 128) == "triton"  # triton is in the test extra
+    with caplog.at_level(logging.INFO, logger="vattn_ray.attention"):
+        assert resolve_backend("auto", "cuda", 80) == "torch"
+    assert "head_dim=80 is not a power of two" in caplog.text
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if triton were not installed
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vattn_ray.attention"):
+        assert resolve_backend("auto", "cuda", 128) == "torch"
+    assert "triton cannot be imported" in caplog.text
+
+
+def test_engine_args_resolve_attention_backend(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "num_attention_heads": 4,
+        "hidden_size": 256, "max_position_embeddings": 128}))
+    assert EngineArgs(model=str(tmp_path), device="cpu").resolve().attention_backend == "sdpa"
+    assert EngineArgs(model=str(tmp_path), device="cuda").resolve().attention_backend == "triton"
+    assert EngineArgs(model=str(tmp_path), device="cuda", attention_backend="torch").resolve().attention_backend == "torch"
+    with pytest.raises(ValueError, match="triton"):
+        EngineArgs(model=str(tmp_path), attention_backend="paged").resolve()
+
+
+def test_triton_backend_needs_cuda_outside_the_interpreter(monkeypatch):
+    backend = get_backend("triton")
+    assert backend.name == "triton" and backend.prefill.name == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        backend.prepare(build_metadata([chunk(0, 0, 2)], 16, "cpu"))

@@ -24,10 +24,9 @@ def test_throughput_plot_shows_the_kv_pages_of_a_real_run(tmp_path):
     assert bench_main(argv) == 0
     (result,) = json.loads(out.read_text())["results"]
     timeline = result["kv_timeline"]
-    assert len(timeline) > result["decode_steps"]  # a sample between every two steps
+    assert len(timeline) >= result["steps"] + 2  # before the run, after every step, after the run
     assert [s["t"] for s in timeline] == sorted(s["t"] for s in timeline)
     assert max(s["num_groups_mapped"] for s in timeline) > 0 and max(s["num_running"] for s in timeline) == 4
-    assert timeline[0]["num_waiting"] == 6
     assert any(s["num_running"] == 4 and s["num_waiting"] == 2 for s in timeline)  # six requests, four slots
     assert timeline[-1]["num_running"] == timeline[-1]["num_waiting"] == 0
     assert _is_png(png)

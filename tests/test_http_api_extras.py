@@ -107,11 +107,15 @@ def test_tokenize_messages_gives_exactly_the_chat_prompt(client, engine, tokeniz
 
 @pytest.mark.parametrize("path, body, status, param", [
     ("/detokenize", {"tokens": [1, 100000]}, 400, "tokens"),
-    ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens.0"),
     ("/detokenize", {"model": "other", "tokens": [1]}, 404, "model"),
     ("/tokenize", {"model": "other", "prompt": "x"}, 404, "model"),
     ("/tokenize", {"messages": []}, 400, "messages"),
-    ("/tokenize", {"nothing": 1}, 400, "prompt"),
+    ("/tokenize", {"nothing": 1}, 400, None),  # neither prompt nor messages
+    ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 400, None),
+    ("/tokenize", {"prompt": "x", "bogus": 1}, 400, "bogus"),  # unknown fields are refused, as elsewhere
+    ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "add_special_tokens": True}, 400,
+     "add_special_tokens"),
 ])
 def test_tokenize_errors(client, path, body, status, param):
     r = client.post(path, json=body)

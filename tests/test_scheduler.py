@@ -19,6 +19,7 @@ from vattn_ray.layout import KVLayout
 from vattn_ray.sampling_params import SamplingParams
 from vattn_ray.scheduler import (KVFailure, KVOp, RequestRejected, SampledToken, Scheduler, StepOutput,
                                  StepPlan)
+from vattn_ray.scheduler.plan import PREVIOUS_SAMPLE
 
 TOKENS_PER_GROUP = 4
 VOCAB = 1000
@@ -52,17 +53,23 @@ class FakeWorker:
         self.known: set[str] = set()
         self.pending_prefetch = ()
         self.fail_next_grow = False  # inject one transient failure
+        self.fail_next_now_grow = False  # ... of a `kv_now` op only (the step then does not run)
+        self.last_sampled: dict[int, int] = {}  # slot -> token sampled there last (PREVIOUS_SAMPLE)
+        self.last_executed = True
 
     def _covered(self, groups: int) -> int:
         return groups * self.layout.page_bytes // self.layout.token_bytes
 
-    def _apply(self, ops) -> list[KVFailure]:
+    def _apply(self, ops, now: bool = False) -> list[KVFailure]:
         failures = []
         for op in ops:
             cur = self.groups.get(op.slot, 0)
             total = sum(self.groups.values()) - cur + op.num_groups
-            if op.num_groups > cur and (total > self.capacity or self.fail_next_grow):
+            inject = self.fail_next_grow or (now and self.fail_next_now_grow)
+            if op.num_groups > cur and (total > self.capacity or inject):
                 self.fail_next_grow = False
+                if now:
+                    self.fail_next_now_grow = False
                 failures.append(KVFailure(0, op.slot, op.num_groups, "pool exhausted"))
                 continue
             self.groups[op.slot] = op.num_groups
@@ -71,9 +78,12 @@ class FakeWorker:
         return failures
 
     def step(self, plan: StepPlan) -> StepOutput:
+        if plan.follows_previous and not self.last_executed:
+            return StepOutput(plan.step, (), (), executed=False)  # built on a step that did not run
         failures = self._apply(self.pending_prefetch)  # previous step's background prefetch
         self.pending_prefetch = ()
-        now_failures = self._apply(plan.kv_now)
+        now_failures = self._apply(plan.kv_now, now=True)
+        self.last_executed = not now_failures
         if now_failures:
             return StepOutput(plan.step, (), tuple(failures + now_failures), executed=False)
         self.known.difference_update(plan.finished)
@@ -87,9 +97,15 @@ class FakeWorker:
             kv = self.kv.setdefault(chunk.slot, [])
             assert len(kv) >= chunk.start, f"slot {chunk.slot} lost tokens before position {chunk.start}"
             del kv[chunk.start:]
-            kv.extend(chunk.token_ids)
+            ids = list(chunk.token_ids)
+            if ids == [PREVIOUS_SAMPLE]:
+                ids = [self.last_sampled[chunk.slot]]
+            assert PREVIOUS_SAMPLE not in ids, "a placeholder token inside a prefill chunk"
+            kv.extend(ids)
             if chunk.sample:
-                sampled.append(SampledToken(chunk.req_id, self.model(kv)))
+                tok = self.model(kv)
+                self.last_sampled[chunk.slot] = tok
+                sampled.append(SampledToken(chunk.req_id, tok))
         self.pending_prefetch = plan.kv_prefetch
         return StepOutput(plan.step, tuple(sampled), tuple(failures))
 
@@ -117,8 +133,14 @@ def reference(prompt, params: SamplingParams, eos=(), model=checksum_model):
 
 
 class Harness:
-    def __init__(self, sched: Scheduler, worker_capacity: int | None = None, model=checksum_model):
+    """Drives scheduler + fake worker. With `lookahead`, each plan is scheduled and run by the worker
+    before the head takes in the previous plan's output, as the engine's overlapped loop does."""
+
+    def __init__(self, sched: Scheduler, worker_capacity: int | None = None, model=checksum_model,
+                 lookahead: bool = False):
         self.sched = sched
+        self.lookahead = lookahead
+        self.in_flight: list[tuple[StepPlan, StepOutput]] = []
         cap = sched.stats.capacity_groups if worker_capacity is None else worker_capacity
         self.worker = FakeWorker(sched.layout, cap, model)
         self.model = model
@@ -131,20 +153,29 @@ class Harness:
         self.sched.add_request(req_id, prompt, params, eos)
         self.outputs[req_id] = []
 
-    def step(self) -> StepPlan:
-        plan = self.sched.schedule()
-        assert plan.num_tokens <= self.sched.config.max_num_batched_tokens
-        assert len({c.req_id for c in plan.seqs}) == len(plan.seqs), "a request scheduled twice"
-        assert len({c.slot for c in plan.seqs}) == len(plan.seqs), "two requests share a slot"
-        self.plans.append(plan)
-        for u in self.sched.update(plan, self.worker.step(plan)):
+    def step(self) -> StepPlan | None:
+        plan = None
+        if not self.in_flight or (self.lookahead and self.sched.can_schedule()):
+            plan = self.sched.schedule()
+            assert plan.num_tokens <= self.sched.config.max_num_batched_tokens
+            assert len({c.req_id for c in plan.seqs}) == len(plan.seqs), "a request scheduled twice"
+            assert len({c.slot for c in plan.seqs}) == len(plan.seqs), "two requests share a slot"
+            self.plans.append(plan)
+            if plan.seqs or plan.kv_now or plan.kv_prefetch or plan.finished:
+                self.in_flight.append((plan, self.worker.step(plan)))
+            if self.lookahead and len(self.in_flight) == 1 and plan.seqs:
+                return plan  # keep it in flight: the next call plans ahead of it
+        if not self.in_flight:
+            return plan
+        done, out = self.in_flight.pop(0)
+        for u in self.sched.update(done, out):
             assert u.req_id not in self.finished, f"update for finished request {u.req_id}"
             self.outputs[u.req_id].extend(u.new_token_ids)
             assert [t.token_id for t in u.new_tokens] == u.new_token_ids
             if u.finished:
                 self.finished[u.req_id] = (u.finish_reason, u.stop_reason)
         self.sched.check_integrity()
-        if self.expect_in_sync:
+        if self.expect_in_sync and not self.in_flight:
             synced = {s: g for s, g in self.worker.groups_after_prefetch().items() if g}
             assert synced == {s: g for s, g in self.sched.slot_groups().items() if g}
         assert sum(self.worker.groups.values()) <= self.worker.capacity
@@ -152,7 +183,7 @@ class Harness:
 
     def run(self, max_steps=5000):
         for _ in range(max_steps):
-            if not self.sched.has_unfinished():
+            if not self.sched.has_unfinished() and not self.in_flight:
                 return
             self.step()
         raise AssertionError("scheduler did not finish its requests")
@@ -532,21 +563,100 @@ def test_set_capacity_shrinks_by_reclaiming_then_preempting():
     h.sched.check_integrity()
 
 
-def test_plans_alternate_with_updates_but_an_empty_plan_may_be_skipped():
+def test_plans_are_updated_in_order_and_one_may_be_planned_ahead():
     sched = make_scheduler()
     empty = sched.schedule()
     assert not (empty.seqs or empty.kv_now or empty.kv_prefetch or empty.finished)
-    sched.add_request("r", prompt(3), params(max_tokens=2))
+    sched.add_request("r", prompt(3), params(max_tokens=3))
     plan = sched.schedule()  # the empty plan was never in flight
-    with pytest.raises(RuntimeError, match="still in flight"):
-        sched.schedule()
-    with pytest.raises(ValueError, match="latest schedule"):
+    ahead = sched.schedule()  # the decode of the token `plan` samples, id unknown to the head
+    assert ahead.follows_previous and not plan.follows_previous
+    assert [(c.start, c.token_ids, c.num_generated) for c in ahead.seqs] == [(3, (PREVIOUS_SAMPLE,), 1)]
+    with pytest.raises(RuntimeError, match="in flight"):
+        sched.schedule()  # at most one plan ahead
+    with pytest.raises(ValueError, match="oldest plan"):
+        sched.update(ahead, StepOutput(ahead.step))
+    with pytest.raises(ValueError, match="oldest plan"):
         sched.update(empty, StepOutput(empty.step))
     with pytest.raises(ValueError, match="does not answer"):
         sched.update(plan, StepOutput(plan.step + 1))
     worker = FakeWorker(sched.layout, 64)
-    assert sched.update(plan, worker.step(plan))[0].req_id == "r"
+    out_plan, out_ahead = worker.step(plan), worker.step(ahead)
+    assert sched.update(plan, out_plan)[0].req_id == "r"
     sched.check_integrity()
+    third = sched.schedule()  # max_tokens=3: the third token is the last, planned ahead again
+    assert [c.start for c in third.seqs] == [4]
+    assert not sched.can_schedule()  # two plans in flight
+    assert sched.update(ahead, out_ahead)[0].new_token_ids == [checksum_model(prompt(3) + [
+        checksum_model(prompt(3))])]
+    updates = sched.update(third, worker.step(third))
+    assert updates[0].finished and updates[0].finish_reason == "length"
+    assert not sched.has_unfinished()
+    sched.check_integrity()
+
+
+LOOKAHEAD_CASES = {
+    "batched": dict(capacity=64, max_num_seqs=4, budget=16, max_model_len=64),
+    "preempting": dict(capacity=12, max_num_seqs=4, budget=32, max_model_len=48),
+    "small chunks": dict(capacity=64, max_num_seqs=3, budget=3, max_model_len=64),
+    "unchunked": dict(capacity=64, max_num_seqs=2, budget=64, max_model_len=64, chunked=False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOOKAHEAD_CASES))
+def test_planning_ahead_gives_the_reference_outputs(case):
+    h = Harness(make_scheduler(**LOOKAHEAD_CASES[case]), lookahead=True)
+    eos = (checksum_model(prompt(6, seed=2)),)  # r2's first token: it stops at once
+    reqs = [(f"r{i}", prompt(6 + 5 * i, seed=i), params(max_tokens=4 + 3 * i, stop_token_ids=(7,)))
+            for i in range(5)]
+    for req_id, p, sp in reqs:
+        h.add(req_id, p, sp, eos)
+    h.run()
+    ahead = [p for p in h.plans if p.follows_previous]
+    assert ahead and any(c.token_ids == (PREVIOUS_SAMPLE,) for p in ahead for c in p.seqs)
+    for req_id, p, sp in reqs:
+        out, reason, stop_reason = reference(p, sp, eos)
+        assert h.outputs[req_id] == out, f"{req_id}: tokens differ from the reference"
+        assert h.finished[req_id] == (reason, stop_reason)
+    if case == "preempting":
+        assert h.sched.stats.num_preemptions > 0
+
+
+def test_a_plan_ahead_of_a_step_that_did_not_run_is_skipped_and_replanned():
+    h = Harness(make_scheduler(capacity=64, budget=8), lookahead=True)
+    reqs = [("a", prompt(12, seed=1), params(max_tokens=6)), ("b", prompt(5, seed=2), params(max_tokens=6))]
+    for r in reqs:
+        h.add(*r)
+    h.step()
+    h.worker.fail_next_now_grow = True  # the next plan that maps pages before it runs fails
+    h.expect_in_sync = False  # until a later plan re-asserts the failed slot
+    outputs: list[StepOutput] = []
+    original = h.worker.step
+    h.worker.step = lambda plan: outputs.append(original(plan)) or outputs[-1]
+    h.run()
+    failed = next(i for i, o in enumerate(outputs) if o.kv_failures)
+    assert not outputs[failed].executed
+    # The plan built ahead of it did not run either, and reported nothing of its own.
+    assert not outputs[failed + 1].executed and not outputs[failed + 1].kv_failures
+    assert h.sched.stats.num_kv_failures == 1
+    assert_matches_reference(h, reqs)
+    h.expect_in_sync = True
+    h.step()  # a clean step after the run: shards and books agree again (checked by the harness)
+
+
+def test_a_request_that_stops_while_planned_ahead_gives_up_its_slot_cleanly():
+    # One slot: the stopped request's extra planned token is dropped and the next request reuses
+    # the slot (shrinking it) only after that step.
+    sched = make_scheduler(capacity=64, max_num_seqs=1, budget=32, max_model_len=64)
+    h = Harness(sched, lookahead=True)
+    first = prompt(9, seed=3)
+    eos = (checksum_model(first),)
+    h.add("a", first, params(max_tokens=8), eos)
+    h.add("b", prompt(2, seed=4), params(max_tokens=3), eos)
+    h.run()
+    assert h.outputs["a"] == [eos[0]] and h.finished["a"] == ("stop", None)
+    out, reason, _ = reference(prompt(2, seed=4), params(max_tokens=3), eos)
+    assert h.outputs["b"] == out and h.finished["b"][0] == reason
 
 
 # ---------------------------------------------------------------------------- integrity and speed

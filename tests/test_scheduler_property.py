@@ -5,7 +5,9 @@ paging, 4 KiB pages, 4 tokens a page group). The fake model writes each chunk's 
 K and V views of the slot and samples a checksum of the slot's tokens *read back from those views*,
 so a request only matches its reference generation if its KV data survived every grow, shrink,
 reuse and preemption of every slot. In some scenarios the scheduler is told the pool is larger than
-it is, so `kv_now` ops fail for real and the recovery path runs.
+it is, so `kv_now` ops fail for real and the recovery path runs. In some scenarios the head plans
+one step ahead (`lookahead`): each plan runs on the worker before the head sees the previous output,
+and decodes feed the worker's own last sample (`PREVIOUS_SAMPLE`), as in the engine's overlapped loop.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from vattn_ray.kvcache import HostVMM, KVManager
 from vattn_ray.layout import KVLayout
 from vattn_ray.sampling_params import SamplingParams
 from vattn_ray.scheduler import SampledToken, Scheduler, StepOutput, StepPlan
+from vattn_ray.scheduler.plan import PREVIOUS_SAMPLE
 from test_scheduler import reference
 
 VOCAB = 50  # small, so EOS and stop tokens are hit now and then
@@ -41,11 +44,16 @@ class KVWorker:
         self.kv = kv
         self.carried: list = []  # prefetch failures not reported yet
         self.known: set[str] = set()  # requests whose NewRequest arrived (and not released since)
+        self.last_sampled: dict[int, int] = {}  # slot -> token sampled there in its latest step
+        self.last_executed = True
 
     def step(self, plan: StepPlan) -> StepOutput:
+        if plan.follows_previous and not self.last_executed:
+            return StepOutput(plan.step, (), (), executed=False)
         failures = self.carried + self.kv.wait_prefetch()
         self.carried = []
         now = self.kv.apply(plan.kv_now)
+        self.last_executed = not now
         if now:
             return StepOutput(plan.step, (), tuple(failures + now), executed=False)
         self.known.difference_update(plan.finished)
@@ -58,13 +66,16 @@ class KVWorker:
             # Checked before touching memory: an unmapped page would fault, not fail the test.
             assert self.kv.mapped_groups(c.slot) >= LAYOUT.groups_for_tokens(c.end), (
                 f"step {plan.step}: slot {c.slot} is not backed up to token {c.end}")
-            ids = torch.tensor(c.token_ids, dtype=torch.float32)
+            token_ids = [self.last_sampled[c.slot]] if c.token_ids == (PREVIOUS_SAMPLE,) else c.token_ids
+            ids = torch.tensor(token_ids, dtype=torch.float32)
             k_first[c.slot, c.start:c.end, 0, 0] = ids
             v_last[c.slot, c.start:c.end, -1, -1] = ids + 1
             if c.sample:
                 seen = k_first[c.slot, :c.end, 0, 0]
                 assert torch.equal(v_last[c.slot, :c.end, -1, -1], seen + 1), "K and V disagree"
-                sampled.append(SampledToken(c.req_id, model([int(x) for x in seen.tolist()])))
+                tok = model([int(x) for x in seen.tolist()])
+                self.last_sampled[c.slot] = tok
+                sampled.append(SampledToken(c.req_id, tok))
         self.kv.prefetch(plan.kv_prefetch)
         return StepOutput(plan.step, tuple(sampled), tuple(failures))
 
@@ -96,34 +107,45 @@ def scenarios(draw):
         st.just(("add", 0)), st.just(("step", 0)), st.just(("step", 0)),
         st.tuples(st.sampled_from(["abort", "finish", "abort_in_flight"]), st.integers(0, 6))),
         max_size=40))
-    return real_groups, [real_groups + overstated] + others, config, requests, events
+    lookahead = draw(st.booleans())
+    return real_groups, [real_groups + overstated] + others, config, requests, events, lookahead
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_random_scenarios_against_the_kv_manager(scenario):
-    real_groups, capacities, config, requests, events = scenario
+    real_groups, capacities, config, requests, events, lookahead = scenario
     overstated = min(capacities) > real_groups
     kv = KVManager(LAYOUT, HostVMM(page_bytes=LAYOUT.page_bytes), real_groups, torch.float32)
     try:
-        _run(Scheduler(config, LAYOUT, capacities), KVWorker(kv), kv, config, requests, events, overstated)
+        _run(Scheduler(config, LAYOUT, capacities), KVWorker(kv), kv, config, requests, events, overstated,
+             lookahead)
     finally:
         kv.close()
 
 
-def _run(sched, worker, kv, config, requests, events, overstated):
+def _run(sched, worker, kv, config, requests, events, overstated, lookahead=False):
     outputs: dict[str, list[int]] = {}
     finished: dict[str, tuple[str | None, int | None]] = {}
     ended: set[str] = set()  # aborted or finished by the engine: output is a prefix of the reference
     pending = list(requests)
+    in_flight: list[tuple[StepPlan, StepOutput]] = []
 
     def step(abort_id: str | None = None) -> None:
-        plan = sched.schedule()
-        assert plan.num_tokens <= config.max_num_batched_tokens
-        assert len({c.slot for c in plan.seqs}) == len(plan.seqs) <= config.max_num_seqs
+        scheduled = False
+        if not in_flight or (lookahead and sched.can_schedule()):
+            plan = sched.schedule()
+            assert plan.num_tokens <= config.max_num_batched_tokens
+            assert len({c.slot for c in plan.seqs}) == len(plan.seqs) <= config.max_num_seqs
+            if plan.seqs or plan.kv_now or plan.kv_prefetch or plan.finished:
+                in_flight.append((plan, worker.step(plan)))
+                scheduled = bool(plan.seqs)
         if abort_id is not None and sched.abort(abort_id):
             ended.add(abort_id)
-        output = worker.step(plan)
+        if not in_flight or (lookahead and scheduled and len(in_flight) == 1):
+            sched.check_integrity()
+            return
+        plan, output = in_flight.pop(0)
         if not overstated:
             assert not output.kv_failures, f"a KV op failed with an honest capacity: {output.kv_failures}"
         for u in sched.update(plan, output):
@@ -135,7 +157,7 @@ def _run(sched, worker, kv, config, requests, events, overstated):
         if overstated:
             worker.carried += kv.wait_prefetch()
             kv.check_integrity()
-            if output.executed and not output.kv_failures and not worker.carried:
+            if output.executed and not output.kv_failures and not worker.carried and not in_flight:
                 kv.check_integrity(sched.slot_groups())  # a clean step brings every shard in line
         else:
             kv.check_integrity(sched.slot_groups())
@@ -164,7 +186,7 @@ def _run(sched, worker, kv, config, requests, events, overstated):
         sched.add_request(req_id, prompt, params, eos)
         outputs[req_id] = []
     for _ in range(3000):
-        if not sched.has_unfinished():
+        if not sched.has_unfinished() and not in_flight:
             break
         step()
     assert not sched.has_unfinished(), "requests left unfinished: the scheduler stopped making progress"

@@ -243,3 +243,20 @@ def test_rank1_killed_under_async_engine_fails_streams_and_health(ckpts):
         engine.shutdown()
     assert _wait_for(lambda: not pid_alive(pids[0])), "rank 0 outlived shutdown"
     assert _wait_for(_cluster_idle), f"group not released: {ray.available_resources()}"
+
+
+def test_a_start_that_cannot_get_its_resources_removes_its_placement_group(ckpts, monkeypatch):
+    from vattn_ray import ray_executor
+
+    monkeypatch.setattr(ray_executor, "PLACEMENT_TIMEOUT_S", 2.0)
+    blocker = ray.util.placement_group([{"CPU": CLUSTER_CPUS}])  # every CPU taken: feasible, not free
+    ray.get(blocker.ready(), timeout=30)
+    try:
+        before = set(ray.util.placement_group_table())
+        with pytest.raises(TimeoutError, match="not free within 2 s"):
+            LLM(model=ckpts["llama"], tensor_parallel_size=2, **ENGINE)
+        ours = [v for k, v in ray.util.placement_group_table().items() if k not in before]
+        assert ours and all(g["state"] == "REMOVED" for g in ours), ours
+    finally:
+        ray.util.remove_placement_group(blocker)
+    assert _wait_for(_cluster_idle), f"resources not released: {ray.available_resources()}"

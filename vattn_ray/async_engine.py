@@ -1,9 +1,10 @@
 """The asyncio face of the engine, for serving.
 
-One background thread runs the step loop (model steps block, so they must not run on the event
-loop). Callers add requests under a short lock; the lock is *not* held while a step executes, so
-an HTTP handler never waits for the GPU. Aborts are queued and applied between steps. Outputs go
-back to each caller's event loop through `call_soon_threadsafe`.
+One background thread calls `LLMEngine.step()` in a loop (model steps block, so they must not run
+on the event loop). The engine takes a shared lock only while its books change, never while it
+waits for the device, so callers add requests under that short lock and an HTTP handler never
+waits for the GPU. Aborts are queued and applied between steps. Outputs go back to each caller's
+event loop through `call_soon_threadsafe`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from vattn_ray.config import EngineArgs
 from vattn_ray.engine import LLMEngine
 from vattn_ray.outputs import RequestOutput
 from vattn_ray.sampling_params import SamplingParams
+from vattn_ray.watchdog import StepWatchdog
 
 logger = logging.getLogger(__name__)
 
@@ -30,14 +32,22 @@ class AsyncLLMEngine:
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # the engine takes it too (e.g. drain inside a call)
+        engine.lock = self._lock
         self._wake = threading.Event()
         self._aborts: list[str] = []
+        self._calls: list[tuple] = []  # (fn, loop, future): run by the loop between two steps
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._error: BaseException | None = None
         self._stopping = False
+        self._exit_lock = threading.Lock()
+        self._loop_done = False
+        self._release_on_exit = False  # shutdown timed out: the loop releases the workers as it ends
         self._thread = threading.Thread(target=self._run, name="vattn-engine-loop", daemon=True)
         self._thread.start()
+        # A step that never finishes must not leave requests hanging behind a green health check.
+        self._watchdog = StepWatchdog(engine.config.step_timeout_s)
+        self._watchdog.watch(self._healthy)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, *, placement_group=None) -> "AsyncLLMEngine":
@@ -63,7 +73,7 @@ class AsyncLLMEngine:
         with self._lock:
             # Again under the lock: the loop may have died since, and it hands its error only to
             # the streams registered before it took the lock; a later one would wait forever.
-            self.check_health()
+            self._raise_if_dead()
             self.engine.add_request(request_id, prompt, params)
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
         self._wake.set()
@@ -90,40 +100,99 @@ class AsyncLLMEngine:
         with self._lock:
             return self.engine.stats()
 
+    async def check_integrity(self) -> None:
+        """`LLMEngine.check_integrity` between two steps (AssertionError if the books disagree)."""
+        self._raise_if_dead()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            self._calls.append((self.engine.check_integrity, loop, future))
+        self._wake.set()
+        await future
+
     def compile_structured(self, spec) -> None:
         """Compile a structured-output constraint now (thread-safe, cached), so that admitting its
         request does not compile it under the engine lock; ValueError if it is invalid."""
         self.engine.structured.compile(spec)
 
     def check_health(self) -> None:
+        if self._error is None:
+            stall = self._watchdog.stalled(self.engine.has_unfinished_requests(), self.engine.last_step_end)
+            if stall is not None:
+                logger.error("%s; failing %d in-flight requests", stall, len(self._streams))
+                self._fail(TimeoutError(stall))
+        self._raise_if_dead()
+
+    def _raise_if_dead(self) -> None:
         if self._error is not None:
             raise EngineDeadError(f"engine loop stopped: {self._error!r}") from self._error
         if not self._thread.is_alive():
             raise EngineDeadError("engine loop is not running")
 
-    def shutdown(self) -> None:
+    def _healthy(self) -> bool:
+        try:
+            self.check_health()
+            return True
+        except EngineDeadError:
+            return False
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop the loop (in-flight requests end with `EngineDeadError`), then release the workers.
+
+        A step still running after `timeout_s` keeps its workers (freeing KV memory under a step
+        would crash the process): the loop releases them when that step ends."""
+        if self._stopping:
+            return
         self._stopping = True
         self._wake.set()
-        self._thread.join(timeout=30)
+        self._watchdog.stop()
+        self._thread.join(timeout=timeout_s)
+        self._fail(EngineDeadError("the engine was shut down"))
+        with self._exit_lock:
+            self._release_on_exit = not self._loop_done
+        if self._release_on_exit:
+            logger.error("a step is still running %.0f s after shutdown; its workers are released when "
+                         "it ends", timeout_s)
+            return
         self.engine.shutdown()
+
+    def _fail(self, exc: BaseException) -> None:
+        """Mark the engine dead and end every stream in flight with the reason."""
+        if self._error is None:
+            self._error = exc
+        # A loop stuck inside the lock must not keep the streams waiting.
+        locked = self._lock.acquire(timeout=1.0)
+        try:
+            streams, self._streams = list(self._streams.values()), {}
+            calls, self._calls = self._calls, []
+        finally:
+            if locked:
+                self._lock.release()
+        err = EngineDeadError(f"engine failed: {exc}")
+        for loop, queue in streams:
+            loop.call_soon_threadsafe(queue.put_nowait, err)
+        for _, loop, future in calls:
+            loop.call_soon_threadsafe(future.set_exception, err)
 
     # ---- the loop -------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            while not self._stopping:
+            while not self._stopping and self._error is None:
                 with self._lock:
                     for request_id in self._aborts:
                         self.engine.abort_request(request_id)
                     self._aborts.clear()
-                    plan = self.engine.schedule()
-                    if plan is None:
-                        self._wake.clear()
-                if plan is None:
+                    for fn, loop, future in self._calls:
+                        _run_call(fn, loop, future)
+                    self._calls.clear()
+                    idle = not self.engine.has_work()
+                    if idle:
+                        self._wake.clear()  # under the lock: a request added now sets it again
+                if idle:
                     self._wake.wait(timeout=1.0)
                     continue
-                out = self.engine.executor.execute(plan)
+                outputs = self.engine.step()
                 with self._lock:
-                    outputs = self.engine.process(plan, out)
                     targets = [(o, self._streams.get(o.request_id)) for o in outputs]
                     for o in outputs:
                         if o.finished:
@@ -133,9 +202,20 @@ class AsyncLLMEngine:
                         target[0].call_soon_threadsafe(target[1].put_nowait, output)
         except BaseException as exc:  # noqa: BLE001 - every in-flight caller must hear of it
             logger.exception("engine loop failed; failing %d in-flight requests", len(self._streams))
-            self._error = exc
-            err = EngineDeadError(f"engine failed: {exc}")
-            with self._lock:
-                streams, self._streams = list(self._streams.values()), {}
-            for loop, queue in streams:
-                loop.call_soon_threadsafe(queue.put_nowait, err)
+            self._fail(exc)
+        finally:
+            with self._exit_lock:
+                self._loop_done = True
+                release = self._release_on_exit
+            if release:
+                self.engine.shutdown()
+
+
+def _run_call(fn, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+    """Run `fn()` on the loop thread; its result or error goes to `future` on its event loop."""
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - the caller receives it
+        loop.call_soon_threadsafe(future.set_exception, exc)
+    else:
+        loop.call_soon_threadsafe(future.set_result, result)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-ATTENTION_BACKENDS = ("auto", "torch", "flash_attn", "sdpa")
+ATTENTION_BACKENDS = ("auto", "triton", "torch", "flash_attn", "sdpa")
 MIB = 1 << 20
 
 
@@ -43,6 +43,10 @@ class SchedulerConfig:
     max_num_batched_tokens: int  # per-step token budget
     max_model_len: int
     enable_chunked_prefill: bool = True
+    # Plan step t+1 while step t runs on the device (used when the executor can overlap steps).
+    async_scheduling: bool = True
+    # Waiting sequences beyond which new requests are refused (QueueFull; HTTP 429); None: no bound.
+    max_queued_requests: int | None = None
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,10 @@ class EngineConfig:
     scheduler: SchedulerConfig
     parallel: ParallelConfig
     device: str  # resolved: "cpu" or "cuda"
-    attention_backend: str  # resolved: "torch" | "flash_attn" | "sdpa"
+    attention_backend: str  # resolved: "triton" | "torch" | "flash_attn" | "sdpa"
     enforce_eager: bool = False  # True: no CUDA-graph capture of decode steps
+    # The engine counts as stuck (unhealthy) when it has work but no step finished for this long.
+    step_timeout_s: float = 60.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,6 +85,7 @@ class EngineArgs:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
+    async_scheduling: bool = True
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int | None = None
     kv_layers_per_tensor: int | str = "auto"
@@ -89,6 +96,8 @@ class EngineArgs:
     accelerator_type: str | None = None
     seed: int = 0
     enforce_eager: bool = False
+    max_queued_requests: int | None = None  # serving: bound the waiting queue (429 beyond it)
+    step_timeout_s: float = 60.0  # serving: a step running longer marks the engine unhealthy
     generation_config: str = "auto"  # "auto": the checkpoint's sampling defaults; "vllm": none; or a dir
     extra: dict = field(default_factory=dict)
 
@@ -112,6 +121,10 @@ class EngineArgs:
             raise ValueError(
                 f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) must be "
                 f">= max_model_len ({max_model_len}); enable chunked prefill or raise the budget")
+        if self.max_queued_requests is not None:
+            _positive("max_queued_requests", self.max_queued_requests)
+        if not (isinstance(self.step_timeout_s, (int, float)) and self.step_timeout_s > 0):
+            raise ValueError(f"step_timeout_s must be a number > 0, got {self.step_timeout_s!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         num_layers = int(hf["num_hidden_layers"])
@@ -121,9 +134,11 @@ class EngineArgs:
             raise ValueError(f"page_bytes={page_bytes} must be a positive multiple of the OS page size")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
-        backend = self.attention_backend
-        if backend == "auto":
-            backend = "torch" if device == "cuda" else "sdpa"
+        from vattn_ray.attention import resolve_backend
+
+        heads = int(hf["num_attention_heads"])
+        head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // heads)
+        backend = resolve_backend(self.attention_backend, device, head_dim)
         from vattn_ray.startup import sampling_defaults
 
         return EngineConfig(
@@ -132,11 +147,13 @@ class EngineArgs:
             cache=CacheConfig(layers_per_tensor, page_bytes, self.gpu_memory_utilization,
                               self.kv_cache_memory_bytes, self.enable_prefetch),
             scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, max_model_len,
-                                      self.enable_chunked_prefill),
+                                      self.enable_chunked_prefill, bool(self.async_scheduling),
+                                      max_queued_requests=self.max_queued_requests),
             parallel=ParallelConfig(self.tensor_parallel_size, self.placement_strategy, self.accelerator_type),
             device=device,
             attention_backend=backend,
             enforce_eager=bool(self.enforce_eager),
+            step_timeout_s=float(self.step_timeout_s),
         )
 
 

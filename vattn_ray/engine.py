@@ -1,22 +1,29 @@
 """The engine: tokenizer + head scheduler + executor, stepped in a loop.
 
-`LLMEngine.step()` = scheduler.schedule() -> executor.execute(plan) -> scheduler.update(output),
-then detokenise, apply stop strings and build `RequestOutput`s. A request with `n > 1` is run as
-n child sequences (seed + i when seeded) and reported as one output with n completions.
+`LLMEngine.step()` is the one step loop of the project (the offline `LLM`, the async engine and the
+benchmarks all call it): schedule a plan and hand it to the workers, then take in the oldest step
+whose output is back (scheduler update, detokenise, stop strings, `RequestOutput`s). When the
+executor overlaps steps (TP=1) and `async_scheduling` is on, one plan is scheduled *ahead*: step
+t+1 is planned and launched while step t still runs on the device, so the head's work (planning,
+metadata, detokenising, outputs) hides behind the GPU's. A request with `n > 1` is run as n child
+sequences (seed + i when seeded) and reported as one output with n completions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vattn_ray.config import EngineArgs, EngineConfig, read_hf_config
 from vattn_ray.detokenizer import IncrementalDetokenizer, find_stop
 from vattn_ray.executor import make_executor
 from vattn_ray.outputs import CompletionOutput, RequestOutput
-from vattn_ray.sampling_params import SamplingParams
+from vattn_ray.sampling_params import RequestOutputKind, SamplingParams
 from vattn_ray.scheduler.plan import StepOutput, StepPlan
 from vattn_ray.startup import check_kv_fits
 from vattn_ray.structured import StructuredOutputs
@@ -46,10 +53,28 @@ class _Request:
     seqs: list[_Sequence] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
     first_token: float | None = None
+    kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     @property
     def finished(self) -> bool:
         return all(s.output.finished for s in self.seqs)
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One processed step, for benchmarks and metrics (`LLMEngine.step_observers`)."""
+
+    step: int
+    num_seqs: int
+    num_tokens: int  # new tokens computed in the step
+    num_decode: int  # rows computing exactly one token
+    context_tokens: int  # tokens attended by all rows after the step
+    executed: bool
+    done_at: float  # time.perf_counter() when its output reached the head
+
+    @property
+    def decode_only(self) -> bool:
+        return self.num_seqs > 0 and self.num_decode == self.num_seqs
 
 
 def load_tokenizer(path: str):
@@ -82,6 +107,16 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.seq_of: dict[str, _Sequence] = {}  # scheduler request id -> sequence
         self.num_steps = 0
+        self.last_step_end = time.monotonic()  # when a step last finished (the serving watchdog reads it)
+        # Called with a `StepRecord` after every processed step (timing hooks for benchmarks).
+        self.step_observers: list[Callable[[StepRecord], None]] = []
+        # Plans handed to the workers whose outputs are not taken in yet, oldest first (touched by
+        # the stepping thread only).
+        self._in_flight: deque = deque()
+        self._depth = 2 if config.scheduler.async_scheduling and self.executor.overlaps_steps else 1
+        # Held while the engine's books change; `AsyncLLMEngine` replaces it with a real lock so
+        # callers can add and abort requests while a step runs on the device.
+        self.lock: contextlib.AbstractContextManager = contextlib.nullcontext()
         info = infos[0]
         logger.info("engine ready: %s on %s x%d, weights %.2f GiB/rank, KV pool %.2f GiB/rank "
                     "(%d page groups, %.1f tokens each), %d slots, max_model_len %d",
@@ -114,9 +149,10 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize(prompt)
+        params.check_vocab(self.vocab_size)
         if params.structured_outputs is not None:
             self.structured.compile(params.structured_outputs)  # a bad schema is refused here
-        req = _Request(request_id, text, ids)
+        req = _Request(request_id, text, ids, kind=params.output_kind)
         added: list[str] = []
         try:
             for i in range(params.n):
@@ -155,6 +191,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def has_work(self) -> bool:
+        """Whether `step()` would do anything (requests, announcements, or steps in flight)."""
+        return bool(self._in_flight) or self.scheduler.has_work()
+
     def needs_sync(self) -> bool:
         """Whether the next step must be planned only after this one is processed: a live request
         has structured output, whose next token mask depends on the token being sampled now."""
@@ -162,25 +202,47 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One scheduler step; returns outputs of requests that produced text or finished."""
-        plan = self.schedule()
-        if plan is None:
+        """Launch the next step, then take in the oldest finished one; returns the outputs of
+        requests that produced text or finished (none while the first step of a pipeline runs)."""
+        plan = None
+        with self.lock:
+            self.executor.check_alive()  # after a worker failure, say so rather than plan again
+            # A structured-output request's next token mask needs the token being sampled now:
+            # while one is live, no step is planned ahead of the one in flight.
+            depth = 1 if self.needs_sync() else self._depth
+            if len(self._in_flight) < depth and self.scheduler.can_schedule():
+                plan = self.scheduler.schedule()
+                if not (plan.seqs or plan.kv_now or plan.kv_prefetch or plan.finished):
+                    plan = None
+        # Launching may block (a TP group runs the step before it answers): never under the lock.
+        if plan is not None:
+            self._in_flight.append((plan, self.executor.submit(plan)))
+            if plan.seqs and len(self._in_flight) < depth:
+                return []  # the next call plans ahead of this step before waiting for it
+        if not self._in_flight:
             return []
-        return self.process(plan, self.executor.execute(plan))
+        plan, handle = self._in_flight.popleft()
+        out = handle.result()  # waits for the device without holding the lock
+        with self.lock:
+            return self.process(plan, out)
 
-    def schedule(self) -> StepPlan | None:
-        """The next plan, or None when there is nothing to do."""
-        self.executor.check_alive()  # after a worker failure, say so rather than plan again
-        plan = self.scheduler.schedule()
-        if not (plan.seqs or plan.kv_now or plan.kv_prefetch or plan.finished):
-            return None
-        return plan
+    def drain(self) -> list[RequestOutput]:
+        """Take in every step in flight (before integrity checks or shutdown)."""
+        outputs = []
+        while self._in_flight:
+            plan, handle = self._in_flight.popleft()
+            out = handle.result()
+            with self.lock:
+                outputs += self.process(plan, out)
+        return outputs
 
     def process(self, plan: StepPlan, out: StepOutput) -> list[RequestOutput]:
         """Take a step's output into the scheduler; build the outputs it produced."""
         self.num_steps += 1
+        if self.step_observers:
+            self._observe(plan, out)
         touched: dict[str, _Request] = {}
-        now = time.monotonic()
+        now = self.last_step_end = time.monotonic()
         for upd in self.scheduler.update(plan, out):
             seq = self.seq_of.get(upd.req_id)
             if seq is None:
@@ -199,10 +261,18 @@ class LLMEngine:
             touched[req.request_id] = req
         outputs = []
         for req in touched.values():
-            outputs.append(self._make_output(req))
+            if req.finished or req.kind is not RequestOutputKind.FINAL_ONLY:
+                outputs.append(self._make_output(req))
             if req.finished:
                 self.requests.pop(req.request_id, None)
         return outputs
+
+    def _observe(self, plan: StepPlan, out: StepOutput) -> None:
+        rec = StepRecord(plan.step, len(plan.seqs), plan.num_tokens,
+                         sum(1 for s in plan.seqs if len(s.token_ids) == 1),
+                         sum(s.end for s in plan.seqs), out.executed, time.perf_counter())
+        for fn in self.step_observers:
+            fn(rec)
 
     def _append(self, seq: _Sequence, upd) -> None:
         o = seq.output
@@ -230,17 +300,24 @@ class LLMEngine:
 
     def _make_output(self, req: _Request) -> RequestOutput:
         outs = []
+        delta = req.kind is RequestOutputKind.DELTA
         for seq in req.seqs:
             o = seq.output
             # Hold back a tail that could still become a stop string, so streamed text never
             # has to be taken back.
             hold = 0 if o.finished or not seq.params.stop else max(len(s) for s in seq.params.stop) - 1
             visible = max(seq.emitted_text, len(o.text) - hold)
-            o.delta_text = o.text[seq.emitted_text:visible]
-            o.delta_token_ids = o.token_ids[seq.emitted_tokens:]
+            start_tok, start_text = seq.emitted_tokens, seq.emitted_text
+            o.delta_text = o.text[start_text:visible]
+            o.delta_token_ids = o.token_ids[start_tok:]
             seq.emitted_text, seq.emitted_tokens = visible, len(o.token_ids)
-            outs.append(dataclasses.replace(o, token_ids=list(o.token_ids), text=o.text[:visible],
-                                            logprobs=None if o.logprobs is None else list(o.logprobs)))
+            if delta:  # only what is new: O(new) per output instead of O(everything so far)
+                outs.append(dataclasses.replace(
+                    o, token_ids=o.delta_token_ids, text=o.delta_text,
+                    logprobs=None if o.logprobs is None else o.logprobs[start_tok:]))
+            else:
+                outs.append(dataclasses.replace(o, token_ids=list(o.token_ids), text=o.text[:visible],
+                                                logprobs=None if o.logprobs is None else list(o.logprobs)))
         metrics = {"arrival_time": req.arrival, "first_token_time": req.first_token}
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, metrics)
 
@@ -253,6 +330,7 @@ class LLMEngine:
     # ---- operations -----------------------------------------------------------------------
     def check_integrity(self) -> None:
         """The scheduler's books and every shard's page tables agree (tests call this)."""
+        self.drain()
         self.scheduler.check_integrity()
         self.executor.check_integrity(self.scheduler.slot_groups())
 
@@ -268,7 +346,11 @@ class LLMEngine:
         return out
 
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        try:
+            if self.executor.failure is None:
+                self.drain()  # no step may still run on the device when its memory goes
+        finally:
+            self.executor.shutdown()
 
 
 def _agreed_layout(infos: list):

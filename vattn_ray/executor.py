@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from vattn_ray.config import EngineConfig
 from vattn_ray.scheduler.plan import StepOutput, StepPlan
@@ -17,8 +17,30 @@ class WorkerFailed(RuntimeError):
     """A worker died or raised; in-flight requests cannot continue on this group."""
 
 
+class StepHandle(Protocol):
+    """A step handed to the workers; `result()` waits for its output."""
+
+    def result(self) -> StepOutput: ...
+
+
+class _Done:
+    """A step that already completed."""
+
+    __slots__ = ("output",)
+
+    def __init__(self, output: StepOutput) -> None:
+        self.output = output
+
+    def result(self) -> StepOutput:
+        return self.output
+
+
 class Executor(ABC):
     """Drives one tensor-parallel worker group."""
+
+    # Whether `submit` returns before the step's device work is done, so that the head can plan
+    # the next step meanwhile (then the engine plans one step ahead).
+    overlaps_steps = False
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -38,6 +60,10 @@ class Executor(ABC):
     @abstractmethod
     def execute(self, plan: StepPlan) -> StepOutput:
         """Run one step on all ranks; rank 0's output with every rank's KV failures merged."""
+
+    def submit(self, plan: StepPlan) -> StepHandle:
+        """Hand `plan` to all ranks; steps run in submission order. Default: run it to the end."""
+        return _Done(self.execute(plan))
 
     @abstractmethod
     def check_integrity(self, expected: dict[int, int]) -> None:
@@ -62,6 +88,8 @@ class Executor(ABC):
 class InProcessExecutor(Executor):
     """TP=1: the worker lives in this process; a step is a plain method call."""
 
+    overlaps_steps = True
+
     def start(self) -> list:
         from workers.worker import Worker
 
@@ -71,6 +99,9 @@ class InProcessExecutor(Executor):
 
     def execute(self, plan: StepPlan) -> StepOutput:
         return self.worker.execute(plan)
+
+    def submit(self, plan: StepPlan) -> StepHandle:
+        return self.worker.submit(plan)
 
     def check_integrity(self, expected: dict[int, int]) -> None:
         self.worker.check_integrity(expected)

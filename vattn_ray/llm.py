@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ from vattn_ray.chat import Message, apply_chat_template
 from vattn_ray.config import EngineArgs
 from vattn_ray.engine import LLMEngine
 from vattn_ray.outputs import RequestOutput
-from vattn_ray.sampling_params import SamplingParams
+from vattn_ray.sampling_params import RequestOutputKind, SamplingParams
 
 Prompt = str | list[int]
 
@@ -76,15 +77,17 @@ class LLM:
                   else list(sampling_params))
         if len(params) != len(prompt_list):
             raise ValueError(f"got {len(params)} sampling_params for {len(prompt_list)} prompts")
-        ids = []
-        for prompt, p in zip(prompt_list, params):
-            request_id = f"offline-{self._counter}"
-            self._counter += 1
-            self.engine.add_request(request_id, prompt, p)
-            ids.append(request_id)
+        ids: list[str] = []
         done: dict[str, RequestOutput] = {}
-        bar = _progress(len(ids)) if use_tqdm else None
+        bar = _progress(len(prompt_list)) if use_tqdm else None
         try:
+            # Inside the try: if a prompt is refused, the ones admitted before it are aborted too.
+            for prompt, p in zip(prompt_list, params):
+                ids.append(f"offline-{self._counter}")
+                self._counter += 1
+                # Only the final output is needed: no per-step copies of growing outputs.
+                p = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+                self.engine.add_request(ids[-1], prompt, p)
             while len(done) < len(ids):
                 for out in self.engine.step():
                     if out.finished:

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 # NVLink multicast must stay off on the shared GPU hosts; every worker process inherits this.
 WORKER_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 STEP_TIMEOUT_S = float(os.environ.get("VATTN_RAY_STEP_TIMEOUT_S", "600"))
+PLACEMENT_TIMEOUT_S = 120.0  # standalone: how long to wait for the worker group's resources
 
 
 def _free_port() -> int:
@@ -95,8 +96,13 @@ class RayExecutor(Executor):
                                   replica_cpus=0)
             check_resources(bundles, self.config.parallel.placement_strategy)
             pg = ray.util.placement_group(bundles, strategy=self.config.parallel.placement_strategy)
-            ray.get(pg.ready(), timeout=120)
-            self.owns_placement_group = True
+            # Owned before waiting: if the wait fails, shutdown() must remove the pending group.
+            self.placement_group, self.owns_placement_group = pg, True
+            try:
+                ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                raise TimeoutError(f"the worker group's resources {bundles} were not free within "
+                                   f"{PLACEMENT_TIMEOUT_S:.0f} s (other work holds them)") from None
         self.placement_group = pg
         gpus = 1 if self.config.device == "cuda" else 0
         actor_cls = ray.remote(_RemoteWorker)

@@ -1,9 +1,33 @@
-"""Per-request sampling parameters (vLLM-compatible names). Pure Python: travels in plans."""
+"""Per-request sampling parameters (vLLM-compatible names). Pure Python: travels in plans.
+
+Every value is checked here, whoever builds the object (HTTP layer, offline `LLM`, tests): a value
+the sampler cannot run (an integer that overflows a tensor, a NaN) must be refused before it
+reaches a step, because a step that raises stops the engine for every request, not just this one.
+"""
 
 from __future__ import annotations
 
+import enum
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
+
+# Integers travel into int64 tensors and C code: keep them well inside that range.
+MAX_INT32 = (1 << 31) - 1
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # int64, as OpenAI documents `seed`
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound for a logit_bias value
+MAX_PENALTY = 2.0  # OpenAI's bound for presence_penalty / frequency_penalty
+MAX_REPETITION_PENALTY = 100.0
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What each streamed `RequestOutput` holds (vLLM's meaning)."""
+
+    CUMULATIVE = 0  # everything generated so far, every time
+    DELTA = 1  # only what is new since the previous output (cheap for long streams)
+    FINAL_ONLY = 2  # one output, when the request finishes (what `LLM.generate` uses)
 
 
 @dataclass(frozen=True)
@@ -21,44 +45,92 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Logits processing (vattn_ray/logits_processors.py); the defaults change nothing.
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     logprobs: int | None = None  # top-n log-probabilities returned per generated token
     n: int = 1
     min_tokens: int = 0
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     structured_outputs: "StructuredOutputsParams | None" = None  # constrain the output (JSON, regex, ...)
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        # Accept lists / a single string for convenience, store tuples (hashable, immutable).
+        # Accept lists / a single string / a dict for convenience, store tuples (hashable, immutable).
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop or ()))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not 0.0 <= float(self.temperature) <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
-        if not 0.0 < float(self.top_p) <= 1.0:
+        object.__setattr__(self, "stop_token_ids", tuple(
+            _integer("stop_token_ids", t, 0, MAX_INT32) for t in (self.stop_token_ids or ())))
+        bias = self.logit_bias or ()
+        pairs = bias.items() if isinstance(bias, Mapping) else bias
+        biases = {_integer("logit_bias", int(t) if isinstance(t, str) and t.isdigit() else t, 0, MAX_INT32):
+                  _real("logit_bias", b, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS) for t, b in pairs}
+        object.__setattr__(self, "logit_bias", tuple(sorted(biases.items())))
+        _integer("max_tokens", self.max_tokens, 1, MAX_INT32)
+        _real("temperature", self.temperature, 0.0, 100.0)
+        if not 0.0 < _real("top_p", self.top_p, 0.0, 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (disabled) or a positive integer, got {self.top_k!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        # Any k >= the vocabulary keeps every token, as -1 does.
+        _integer("top_k", self.top_k, -1, MAX_INT32, what="-1 (disabled) or a positive integer")
+        if self.seed is not None:
+            _integer("seed", self.seed, *SEED_RANGE)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
-            raise ValueError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
-        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens!r}")
+        if self.logprobs is not None:
+            _integer("logprobs", self.logprobs, 0, 20)
+        _integer("n", self.n, 1, MAX_INT32)
+        try:
+            object.__setattr__(self, "output_kind", RequestOutputKind(self.output_kind))
+        except ValueError:
+            raise ValueError(f"output_kind must be one of {[k.name for k in RequestOutputKind]}, "
+                             f"got {self.output_kind!r}") from None
+        _integer("min_tokens", self.min_tokens, 0, self.max_tokens, what="in [0, max_tokens]")
+        if not 0.0 < _real("repetition_penalty", self.repetition_penalty, 0.0, MAX_REPETITION_PENALTY):
+            raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], "
+                             f"got {self.repetition_penalty!r}")
+        _real("presence_penalty", self.presence_penalty, -MAX_PENALTY, MAX_PENALTY)
+        _real("frequency_penalty", self.frequency_penalty, -MAX_PENALTY, MAX_PENALTY)
+        _real("min_p", self.min_p, 0.0, 1.0)
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise ValueError("structured_outputs must be a StructuredOutputsParams, got "
                              f"{type(self.structured_outputs).__name__}")
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids this request names must exist in the model's vocabulary (the engine knows it)."""
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", [t for t, _ in self.logit_bias])):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise ValueError(f"{name} has token id {bad[0]}, outside the vocabulary [0, {vocab_size})")
+
+    @cached_property
+    def processes_logits(self) -> bool:
+        """Whether the sampler must change this request's logits (penalties, bias, min_p, ...)."""
+        return bool(self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty
+                    or self.min_p or self.logit_bias or self.min_tokens)
+
     @property
     def greedy(self) -> bool:
         return float(self.temperature) == 0.0
+
+
+def _integer(name: str, value, low: int, high: int, what: str | None = None) -> int:
+    """`value` if it is an int (not a bool) in [low, high], else a ValueError naming `name`."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{name} must be {what or f'an integer in [{low}, {high}]'}, got {value!r}")
+    return value
+
+
+def _real(name: str, value, low: float, high: float) -> float:
+    """`value` as a float if it is a finite number in [low, high], else a ValueError naming `name`."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)

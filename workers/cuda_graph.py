@@ -10,6 +10,11 @@ One graph per padded batch size ("bucket"). All step inputs live in one static i
 before replay; the graph itself converts what FlashAttention wants to int32. Padding rows repeat
 row 0 exactly (same token, position and slot), so they compute the same K/V bit for bit and write
 the same values to the same row; their outputs are dropped.
+
+The graph ends with the logits (the LM head is part of it), and a token id of `PREVIOUS_SAMPLE`
+(-1) is replaced inside the graph by the slot's last sampled token, so a step planned before the
+previous one finished needs no host round trip. Two pinned host buffers alternate, so filling the
+next step's inputs never waits for the copy of the step still queued.
 """
 
 from __future__ import annotations
@@ -36,33 +41,39 @@ class DecodeGraphs:
     """Captured decode forwards for every bucket up to `max_batch` sequences."""
 
     def __init__(self, model: torch.nn.Module, kv_views: Callable, max_batch: int,
-                 max_tokens_per_slot: int, device: torch.device) -> None:
+                 max_tokens_per_slot: int, device: torch.device, last_sampled: torch.Tensor) -> None:
         self.model, self.kv_views, self.device = model, kv_views, device
+        self.last_sampled = last_sampled  # [slots] int64, written by the sampler after each step
         self.max_batch, self.max_tokens = max_batch, max_tokens_per_slot
         self.buckets = batch_buckets(max_batch)
         n = max_batch
         # Regions of the static buffer: ids, positions, KV rows, seq lens, slot starts (+1).
         self.offsets = (0, n, 2 * n, 3 * n, 4 * n)
         self.static = torch.zeros(5 * n + 1, dtype=torch.int64, device=device)
-        self.host = torch.zeros(5 * n + 1, dtype=torch.int64).pin_memory()
-        # The pinned buffer is rewritten every step: wait until the last copy out of it is done.
-        self.copied = torch.cuda.Event()
+        self.hosts = [torch.zeros(5 * n + 1, dtype=torch.int64).pin_memory() for _ in range(2)]
+        # A pinned buffer is rewritten two steps later: wait until its last copy out is done.
+        self.copied = [torch.cuda.Event(), torch.cuda.Event()]
+        self.turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
     def _forward(self, b: int) -> torch.Tensor:
         s, (o_ids, o_pos, o_map, o_len, o_cu) = self.static, self.offsets
+        slots = s[o_cu:o_cu + b] // self.max_tokens
+        ids = s[o_ids:o_ids + b]
+        ids = torch.where(ids < 0, self.last_sampled.index_select(0, slots), ids)
         meta = AttentionMetadata(
             num_seqs=b, num_tokens=b, max_tokens_per_slot=self.max_tokens, max_seqlen_q=1,
             # An upper bound: the kernel reads each sequence's own length from seqused_k.
             max_seqlen_k=self.max_tokens, query_lens=(1,) * b, context_lens=(0,) * b,
-            input_ids=s[o_ids:o_ids + b], positions=s[o_pos:o_pos + b],
-            slot_mapping=s[o_map:o_map + b], slots=s[o_cu:o_cu + b] // self.max_tokens,
+            input_ids=ids, positions=s[o_pos:o_pos + b],
+            slot_mapping=s[o_map:o_map + b], slots=slots,
             seq_lens=s[o_len:o_len + b].to(torch.int32), cu_seqlens_q=torch.arange(
                 b + 1, dtype=torch.int32, device=self.device),
             cu_seqlens_k=s[o_cu:o_cu + b + 1].to(torch.int32),
             sample_indices=torch.arange(b, dtype=torch.int64, device=self.device))
-        return self.model(meta.input_ids, meta.positions, meta, self.kv_views)
+        hidden = self.model(meta.input_ids, meta.positions, meta, self.kv_views)
+        return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def capture(self, fill: Callable[[], None]) -> None:
@@ -89,17 +100,21 @@ class DecodeGraphs:
                     time.perf_counter() - t0)
 
     def fits(self, seqs: Sequence[SeqChunk]) -> bool:
-        return len(seqs) <= self.max_batch and all(len(s.token_ids) == 1 for s in seqs)
+        """A decode-only batch: one token and one sample per row. A one-token prefill chunk that
+        does not sample (a token budget <= max_num_seqs makes those) computes like a decode, but
+        the graphs return a logits row for it that the sampler has no chunk for."""
+        return len(seqs) <= self.max_batch and all(len(s.token_ids) == 1 and s.sample for s in seqs)
 
     def run(self, seqs: Sequence[SeqChunk]) -> torch.Tensor:
-        """Hidden states `[len(seqs), hidden]` of a decode-only batch."""
+        """float32 logits `[len(seqs), vocab]` of a decode-only batch."""
         n = len(seqs)
         b = next(x for x in self.buckets if x >= n)
         m = self.max_tokens
         o_ids, o_pos, o_map, o_len, o_cu = self.offsets
         rows = [seqs[i] if i < n else seqs[0] for i in range(b)]
-        h = self.host
-        self.copied.synchronize()
+        turn = self.turn = 1 - self.turn
+        h = self.hosts[turn]
+        self.copied[turn].synchronize()
         # One Python pass filling a pinned buffer, then one copy: this runs every step.
         h[o_ids:o_ids + b] = torch.tensor([r.token_ids[0] for r in rows])
         h[o_pos:o_pos + b] = torch.tensor([r.start for r in rows])
@@ -108,7 +123,7 @@ class DecodeGraphs:
         starts = [r.slot * m for r in rows]
         h[o_cu:o_cu + b + 1] = torch.tensor(starts + [starts[-1] + rows[-1].start + 1])
         self.static.copy_(h, non_blocking=True)
-        self.copied.record()
+        self.copied[turn].record()
         self.graphs[b].replay()
         return self.outputs[b][:n]
 
@@ -116,7 +131,7 @@ class DecodeGraphs:
         """A batch whose every row is token 0 at position 0 of `slot` (which must be mapped)."""
         m, n = self.max_tokens, self.max_batch
         o_ids, o_pos, o_map, o_len, o_cu = self.offsets
-        h = self.host
+        h = self.hosts[0]
         h.zero_()
         h[o_map:o_map + n] = slot * m
         h[o_len:o_len + n] = 1

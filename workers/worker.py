@@ -4,7 +4,12 @@ It decides nothing: it applies the plan's KV ops, runs the batch, and reports wh
 (rank 0) and which KV ops it could not apply (any rank). The same class runs in-process (TP=1)
 or inside a Ray actor (any TP).
 
-Hot path: `execute` runs once per step.
+`submit` launches a step and returns at once; `PendingStep.result()` waits for that step's sampled
+tokens. Between the two the head plans the next step, whose decodes may feed the tokens sampled
+here straight from device memory (`last_sampled`, one entry per slot, updated by every rank: all
+ranks sample the same all-gathered logits the same way).
+
+Hot path: `submit` runs once per step.
 """
 
 from __future__ import annotations
@@ -19,13 +24,26 @@ import torch
 from vattn_ray.config import EngineConfig
 from vattn_ray.layout import KVLayout
 from vattn_ray.sampling_params import SamplingParams
-from vattn_ray.scheduler.plan import KVFailure, StepOutput, StepPlan
+from vattn_ray.scheduler.plan import PREVIOUS_SAMPLE, KVFailure, KVOp, StepOutput, StepPlan
 
 logger = logging.getLogger(__name__)
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GIB = 1 << 30
 CPU_DEFAULT_KV_BYTES = 1 * GIB  # host pages are committed only when touched
+
+
+class PendingStep:
+    """A launched step; `result()` waits for its sampled tokens (rank 0) and returns its output."""
+
+    __slots__ = ("step", "failures", "executed", "readout")
+
+    def __init__(self, step: int, failures: tuple[KVFailure, ...], executed: bool = True, readout=None):
+        self.step, self.failures, self.executed, self.readout = step, failures, executed, readout
+
+    def result(self) -> StepOutput:
+        sampled = self.readout.result() if self.readout is not None else ()
+        return StepOutput(self.step, sampled, self.failures, executed=self.executed)
 
 
 @dataclass(frozen=True)
@@ -57,6 +75,8 @@ class Worker:
         self.kv = None
         self.group = None
         self.graphs = None
+        self.last_sampled = None  # [max_slots] device tensor: each slot's latest sampled token
+        self.last_executed = True  # whether the previous plan ran (a plan built on it needs that)
 
     # ---- start-up -------------------------------------------------------------------------
     def init_device(self) -> None:
@@ -76,6 +96,7 @@ class Worker:
         """Load this rank's weights, then size and create the KV pool from what memory is left."""
         from vattn_ray.kvcache import KVManager
         from vattn_ray.model import load_model
+        from vattn_ray.logits_processors import TokenHistory
         from vattn_ray.sampling import Sampler
 
         cfg = self.config
@@ -90,6 +111,8 @@ class Worker:
         budget = self._kv_budget_bytes(layout)
         self.kv = KVManager.from_budget(layout, self.device, budget, self.dtype, rank=self.rank)
         self.sampler = Sampler(seed=cfg.model.seed)
+        self.last_sampled = torch.zeros(layout.max_slots, dtype=torch.int64, device=self.device)
+        self.history = TokenHistory(layout.max_slots, layout.max_tokens_per_slot, self.device)
         from vattn_ray.attention import get_backend
 
         self.attention = get_backend(cfg.attention_backend)
@@ -105,16 +128,17 @@ class Worker:
         return info
 
     def _use_graphs(self) -> bool:
-        # Graphs need fixed input shapes and a kernel without host-side branching: FA2 via torch.
+        # Graphs need fixed input shapes and kernels without host-side branching: FA2 via torch,
+        # or the Triton decode kernel (its grid depends on the batch size only).
         return (self.device.type == "cuda" and not self.config.enforce_eager
-                and self.config.attention_backend == "torch")
+                and self.config.attention_backend in ("torch", "triton"))
 
     def _capture_decode_graphs(self):
         from vattn_ray.scheduler.plan import KVOp
         from workers.cuda_graph import DecodeGraphs
 
         graphs = DecodeGraphs(self.model, self.kv.layer_kv, self.config.scheduler.max_num_seqs,
-                              self.kv.layout.max_tokens_per_slot, self.device)
+                              self.kv.layout.max_tokens_per_slot, self.device, self.last_sampled)
         # Capture reads and writes slot 0's first page group; map it for the capture only, so the
         # pool is back in the state the scheduler expects (nothing mapped) afterwards.
         failures = self.kv.apply([KVOp(0, 1)])
@@ -152,41 +176,76 @@ class Worker:
 
     # ---- the step -------------------------------------------------------------------------
     def execute(self, plan: StepPlan) -> StepOutput:
-        """Apply the plan's KV ops, run its batch, sample (rank 0), start next step's prefetch."""
+        """Run one step to completion (`submit` + `result`)."""
+        return self.submit(plan).result()
+
+    def submit(self, plan: StepPlan) -> PendingStep:
+        """Apply the plan's KV ops, launch its batch and sampling, start the next step's prefetch.
+
+        Returns without waiting for the device."""
+        if plan.follows_previous and not self.last_executed:
+            # Planned on top of a step that did not run: its positions and fed-back tokens are
+            # wrong. The head re-plans once it has seen both outputs (it announces again what
+            # this plan carried).
+            return PendingStep(plan.step, (), executed=False)
         failures = self.kv.wait_prefetch()
+        if self._shrinks(plan.kv_now):
+            self._wait_device()  # an earlier step may still read or write the pages to unmap
         failures += self.kv.apply(plan.kv_now)
         for new in plan.new_requests:
             self.requests[new.req_id] = new.sampling
-        if self._any_rank_failed(bool(failures)):
+            self.history.add(new.req_id, new.sampling, new.eos_token_ids)
+        self.last_executed = not self._any_rank_failed(bool(failures))
+        if not self.last_executed:
             self._forget(plan.finished)
-            return StepOutput(plan.step, (), self._tag(failures), executed=False)
-        sampled = ()
+            return PendingStep(plan.step, self._tag(failures), executed=False)
+        readout = None
         if plan.seqs:
             if self.config.cache.enable_prefetch:
                 self.kv.prefetch(plan.kv_prefetch)  # mapped on a thread while the GPU computes
-            sampled = self._run_batch(plan)
+            readout = self._run_batch(plan)
             if not self.config.cache.enable_prefetch:
                 failures += self.kv.apply(plan.kv_prefetch)
         else:
             failures += self.kv.apply(plan.kv_prefetch)
         self._forget(plan.finished)
-        return StepOutput(plan.step, sampled, self._tag(failures), executed=True)
+        return PendingStep(plan.step, self._tag(failures), readout=readout)
+
+    def _shrinks(self, ops: tuple[KVOp, ...]) -> bool:
+        return any(op.num_groups < self.kv.mapped_groups(op.slot) for op in ops)
+
+    def _wait_device(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
     @torch.inference_mode()
-    def _run_batch(self, plan: StepPlan) -> tuple:
+    def _run_batch(self, plan: StepPlan):
+        self.history.record_inputs(plan.seqs)  # penalties look at every token fed so far
         # One packed host->device copy carries ids, positions, slot mapping and sample rows.
         if self.graphs is not None and self.graphs.fits(plan.seqs):
-            logits = self.model.compute_logits(self.graphs.run(plan.seqs))  # every decode row samples
+            logits = self.graphs.run(plan.seqs)  # logits of every row (every decode row samples)
         else:
             meta = self.attention.build_metadata(plan.seqs, self.kv.layout.max_tokens_per_slot, self.device)
-            hidden = self.model(meta.input_ids, meta.positions, meta, self.kv.layer_kv)
+            ids = meta.input_ids
+            if any(s.token_ids[0] == PREVIOUS_SAMPLE for s in plan.seqs if len(s.token_ids) == 1):
+                slots = meta.slot_mapping // self.kv.layout.max_tokens_per_slot
+                ids = torch.where(ids < 0, self.last_sampled.index_select(0, slots), ids)
+            hidden = self.model(ids, meta.positions, meta, self.kv.layer_kv)
             if meta.sample_indices.numel() == 0:
-                return ()
+                return None
             logits = self.model.compute_logits(hidden.index_select(0, meta.sample_indices))
-        if self.rank != 0:
-            return ()
+        from vattn_ray.sampling import to_device
+
         chunks = [s for s in plan.seqs if s.sample]
-        return tuple(self.sampler.sample(logits, chunks, [self.requests[c.req_id] for c in chunks]))
+        params = [self.requests[c.req_id] for c in chunks]
+        # Every rank samples (same logits, same generators, same histories), so each has the tokens
+        # that the next step's decodes may feed back without the head in between.
+        tokens = self.sampler.sample_tokens(logits, chunks, params, self.history)
+        self.last_sampled.index_copy_(0, to_device([c.slot for c in chunks], torch.int64, self.device), tokens)
+        self.history.record_sampled(chunks, tokens)
+        if self.rank != 0:
+            return None
+        return self.sampler.readout(logits, tokens, chunks, params)
 
     def _any_rank_failed(self, failed: bool) -> bool:
         """All shards must agree to skip a step, or the ones that run would wait in a collective."""
@@ -203,6 +262,7 @@ class Worker:
     def _forget(self, finished: tuple[str, ...]) -> None:
         for req_id in finished:
             self.requests.pop(req_id, None)
+        self.history.forget(finished)
 
     # ---- checks and shutdown ---------------------------------------------------------------
     def check_integrity(self, expected: dict[int, int]) -> None:

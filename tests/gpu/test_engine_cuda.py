@@ -1,4 +1,4 @@
-"""GPU: the engine in bf16 with the `torch` (FlashAttention-2) backend against transformers.
+"""GPU: the engine in bf16 with the `torch` (FlashAttention-2) and `triton` backends against transformers.
 
 bf16 greedy decoding can legitimately diverge after a near-tie, so we report (and bound) the
 token agreement and the log-probability error on the shared prefix instead of demanding identity.
@@ -39,7 +39,8 @@ def _teacher_forced(model, prompt: list[int], output: list[int]) -> torch.Tensor
     return torch.log_softmax(logits, -1)
 
 
-def test_bf16_parity_with_transformers(bf16_checkpoint):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bf16_parity_with_transformers(bf16_checkpoint, backend):
     """Our bf16 engine is as close to the float32 truth as transformers' own bf16 model is.
 
     Truth: transformers in float32 on the same (bf16-stored) weights, teacher-forced on our greedy
@@ -51,9 +52,9 @@ def test_bf16_parity_with_transformers(bf16_checkpoint):
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (7, 100, 333, 1000, 64, 2048)]
     llm = LLM(model=bf16_checkpoint, device="cuda", dtype="bfloat16", max_model_len=4096,
-              gpu_memory_utilization=0.5, attention_backend="torch")
+              gpu_memory_utilization=0.5, attention_backend=backend)
     try:
-        assert llm.engine.config.attention_backend == "torch"
+        assert llm.engine.config.attention_backend == backend
         outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=1))
         llm.engine.check_integrity()
     finally:
@@ -77,7 +78,7 @@ def test_bf16_parity_with_transformers(bf16_checkpoint):
                                 attention_mask=torch.ones(1, len(p), dtype=torch.long, device="cuda"))
         exact += gen[0, len(p):].tolist() == toks
         total += len(toks)
-    result = {"prompts": len(prompts), "tokens": total, "dtype": "bfloat16", "backend": "torch",
+    result = {"prompts": len(prompts), "tokens": total, "dtype": "bfloat16", "backend": backend,
               "greedy_agreement_with_fp32_ours": agree_ours / total,
               "greedy_agreement_with_fp32_transformers_bf16": agree_hf / total,
               "max_logprob_error_vs_fp32_ours": err_ours,
@@ -85,7 +86,8 @@ def test_bf16_parity_with_transformers(bf16_checkpoint):
               "sequences_identical_to_transformers_bf16_generate": exact}
     print(json.dumps(result))
     if os.environ.get("VATTN_RESULTS_DIR"):
-        with open(os.path.join(os.environ["VATTN_RESULTS_DIR"], "engine_parity.json"), "w") as f:
+        name = "engine_parity.json" if backend == "torch" else f"engine_parity_{backend}.json"
+        with open(os.path.join(os.environ["VATTN_RESULTS_DIR"], name), "w") as f:
             json.dump(result, f)
     assert math.isfinite(err_ours)
     assert err_ours <= 2 * err_hf + 0.02

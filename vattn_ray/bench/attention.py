@@ -1,24 +1,37 @@
-"""Decode attention on the virtual KV layout: FlashAttention-2 varlen, plain vs packed GQA.
+"""Decode attention on the virtual KV layout: FlashAttention-2 varlen against the split-KV Triton kernel.
 
-    python -m vattn_ray.bench attention --out attention.json
+    python -m vattn_ray.bench attention --out attention.json [--sweep]
 
-For each (batch, context) the same K/V (a `[slots, tokens, G, H_kv, D]` tensor viewed per layer,
-as the KV manager lays it out) is read by: the plain varlen call (one block per query head) and
-the packed-GQA call (the query heads of one KV head as rows of one block). Reports µs per call
-and effective bandwidth (KV bytes read / time).
+For each case `BxC[:G]` (B rows of C context tokens each, G layers per virtual tensor) K and V are
+one layer's strided view of `[B, C + 256, G, 8, 128]` bf16 tensors, as the KV manager lays them
+out, and three kernels read them in place: FA2 varlen (the `torch` backend), FA2 with the query
+heads of a KV head packed as rows, and the Triton decode kernel (the `triton` backend). Each is
+timed as CUDA-graph replays of back-to-back calls (what the engine's decode graphs run), so the
+time is the GPU's, not Python's launch overhead. Reported: µs per call, KV bytes read / time, and
+that as a share of the measured copy bandwidth ((read + write) / time of a 4 GiB device copy).
+`--sweep` also times the Triton kernel over tile sizes, warps, pipeline stages and split counts.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+import itertools
 import json
+import sys
+from typing import Callable
 
 import torch
 
 from vattn_ray.attention import build_metadata, get_backend
 from vattn_ray.attention.base import flat_view
 from vattn_ray.attention.metadata import AttentionMetadata
+from vattn_ray.bench.provenance import device_info, versions
 from vattn_ray.scheduler.plan import SeqChunk
+
+DEFAULT_CASES = "32x1024,128x1024,256x1024,8x15360:4,8x16384:4"
+HEADS, KV_HEADS, DIM = 32, 8, 128
 
 
 def decode_packed(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -41,57 +54,155 @@ def decode_packed(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return out.view(b, group, hkv, d).transpose(1, 2).reshape(b, hq, d)
 
 
-def _time(fn, reps: int = 50) -> float:
-    for _ in range(5):
-        fn()
+def time_us(fn: Callable[[], object], calls: int = 20, replays: int = 5) -> float:
+    """µs per call: `calls` back-to-back calls captured in one CUDA graph, replayed `replays` times."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # compile, allocate workspaces
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(reps):
-        fn()
+    for _ in range(replays):
+        graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps * 1e3  # µs
+    return start.elapsed_time(end) / (calls * replays) * 1e3
 
 
-def measure(batch: int, context: int, layers_per_tensor: int, heads: int, kv_heads: int, dim: int) -> dict:
-    dev = torch.device("cuda")
-    cache = torch.randn(batch, context + 1, layers_per_tensor, kv_heads, dim, dtype=torch.bfloat16, device=dev)
-    k_cache = cache[:, :, 0]
-    v_cache = cache[:, :, layers_per_tensor - 1]
-    seqs = [SeqChunk(f"r{i}", i, context, (1,), True) for i in range(batch)]
-    meta = build_metadata(seqs, context + 1, dev)
-    q = torch.randn(batch, heads, dim, dtype=torch.bfloat16, device=dev)
-    backend = get_backend("torch")
-    scale = dim ** -0.5
-    state: dict = {}
-    group = heads // kv_heads
-    plain = _time(lambda: backend.attend(q, k_cache, v_cache, meta, None, scale))
-    packed = _time(lambda: decode_packed(q, k_cache, v_cache, meta, state, scale, group))
-    a = backend.attend(q, k_cache, v_cache, meta, None, scale)
-    b = decode_packed(q, k_cache, v_cache, meta, state, scale, group)
-    kv_bytes = 2 * batch * (context + 1) * kv_heads * dim * 2
-    return {"batch": batch, "context": context, "G": layers_per_tensor, "plain_us": plain, "packed_us": packed,
-            "plain_TBps": kv_bytes / plain / 1e6, "packed_TBps": kv_bytes / packed / 1e6,
-            "max_abs_diff": (a.float() - b.float()).abs().max().item()}
+def copy_bandwidth() -> float:
+    """TB/s of a device-to-device copy, counting the bytes read and the bytes written: the same
+    measurement as the throughput benchmark's (a copy captured in a graph becomes a DMA memcpy
+    node, which is slower than the kernel an eager copy runs)."""
+    from vattn_ray.bench.throughput import measure_copy_bandwidth
+
+    return measure_copy_bandwidth(torch.device("cuda")) / 1e12
+
+
+class Case:
+    """The K/V views and metadata of one `BxC[:G]` decode batch (all rows at context C)."""
+
+    def __init__(self, spec: str, default_g: int) -> None:
+        shape, _, g = spec.partition(":")
+        self.batch, self.context = (int(x) for x in shape.split("x"))
+        self.layers = int(g) if g else default_g
+        dev = torch.device("cuda")
+        tokens = self.context + 256
+        self.k_full = torch.empty(self.batch, tokens, self.layers, KV_HEADS, DIM, dtype=torch.bfloat16, device=dev)
+        self.v_full = torch.empty_like(self.k_full)
+        self.k_full.normal_()
+        self.v_full.normal_()
+        layer = min(5, self.layers - 1)
+        self.k_cache, self.v_cache = self.k_full[:, :, layer], self.v_full[:, :, layer]  # token stride G*H*D
+        # each row's one new token is the last of its context: it attends to all C tokens
+        seqs = [SeqChunk(f"r{i}", i, self.context - 1, (1,), True) for i in range(self.batch)]
+        self.meta = build_metadata(seqs, tokens, dev)
+        self.q = torch.randn(self.batch, HEADS, DIM, dtype=torch.bfloat16, device=dev)
+        self.scale = DIM ** -0.5
+        self.kv_bytes = 2 * self.batch * self.context * KV_HEADS * DIM * 2
+
+    def row(self, copy_tbps: float) -> dict:
+        fa2 = get_backend("torch")
+        tri = get_backend("triton")
+        tri_state = tri.prepare(self.meta)
+        packed_state: dict = {}
+        group = HEADS // KV_HEADS
+        runs = {
+            "fa2": lambda: fa2.attend(self.q, self.k_cache, self.v_cache, self.meta, None, self.scale),
+            "fa2_packed": lambda: decode_packed(self.q, self.k_cache, self.v_cache, self.meta, packed_state,
+                                                self.scale, group),
+            "triton": lambda: tri.attend(self.q, self.k_cache, self.v_cache, self.meta, tri_state, self.scale),
+        }
+        out = {"batch": self.batch, "context": self.context, "G": self.layers, "kv_bytes": self.kv_bytes}
+        for name, fn in runs.items():
+            us = time_us(fn)
+            out[f"{name}_us"] = us
+            out[f"{name}_TBps"] = self.kv_bytes / us / 1e6
+            out[f"{name}_of_copy"] = out[f"{name}_TBps"] / copy_tbps
+        ref = runs["fa2"]().float()
+        out["triton_max_abs_diff_vs_fa2"] = (runs["triton"]().float() - ref).abs().max().item()
+        out["fa2_packed_max_abs_diff_vs_fa2"] = (runs["fa2_packed"]().float() - ref).abs().max().item()
+        from vattn_ray.attention import triton_decode as td
+
+        out["triton_num_splits"] = td.choose_num_splits(self.batch, KV_HEADS, td.sm_count(torch.cuda.current_device()))
+        out["triton_config"] = dataclasses.asdict(td.default_config(DIM, torch.bfloat16))
+        return out
+
+    def sweep(self) -> list[dict]:
+        """The Triton kernel over launch configurations and split counts (failures recorded, not fatal)."""
+        from vattn_ray.attention import triton_decode as td
+
+        auto = td.choose_num_splits(self.batch, KV_HEADS, td.sm_count(torch.cuda.current_device()))
+        splits = sorted({auto} | {s for s in (1, 2, 4, 8, 16, 32, 64) if s <= td.MAX_SPLITS})
+        out_t = torch.empty_like(self.q)
+        rows = []
+        for bn, warps, stages, s in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), splits):
+            fn = functools.partial(td.decode_attention, self.q, self.k_cache, self.v_cache, self.meta.slots,
+                                   self.meta.seq_lens, self.scale, out_t, num_splits=s,
+                                   config=td.DecodeConfig(bn, warps, stages))
+            rec = {"batch": self.batch, "context": self.context, "G": self.layers, "block_n": bn,
+                   "num_warps": warps, "num_stages": stages, "num_splits": s}
+            try:
+                us = time_us(fn, calls=10, replays=3)
+                rec.update(us=us, TBps=self.kv_bytes / us / 1e6)
+            except Exception as e:  # e.g. a tile that needs more shared memory than the SM has
+                rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                torch.cuda.synchronize()
+            rows.append(rec)
+        return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vattn_ray.bench attention", description=__doc__)
-    ap.add_argument("--cases", default="32x4096,256x1152,64x8192,8x16384")
-    ap.add_argument("--layers-per-tensor", type=int, default=32)
+    ap = argparse.ArgumentParser(prog="python -m vattn_ray.bench attention", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated BxC[:G] (default %(default)s)")
+    ap.add_argument("--layers-per-tensor", type=int, default=32, help="G of cases that do not name one")
+    ap.add_argument("--sweep", action="store_true", help="also time Triton launch configurations")
     ap.add_argument("--out", default=None)
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
-    rows = []
-    for case in args.cases.split(","):
-        b, c = (int(x) for x in case.split("x"))
-        rows.append(measure(b, c, args.layers_per_tensor, 32, 8, 128))
-    print("| batch | context | plain µs | plain TB/s | packed-GQA µs | packed TB/s | max |diff| |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    import triton
+
+    copy_tbps = copy_bandwidth()
+    print(f"copy bandwidth: {copy_tbps:.2f} TB/s ((read + write) / time, 4 GiB)")
+    rows, sweep = [], []
+    for spec in args.cases.split(","):
+        case = Case(spec, args.layers_per_tensor)
+        rows.append(case.row(copy_tbps))
+        if args.sweep:
+            sweep.extend(case.sweep())
+        del case
+        torch.cuda.empty_cache()
+    print("| batch x context (G) | FA2 varlen µs | TB/s | FA2 packed-GQA TB/s | Triton split-KV µs | TB/s "
+          "| of copy | splits | max abs diff Triton vs FA2 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['batch']} | {r['context']} | {r['plain_us']:.1f} | {r['plain_TBps']:.2f} | "
-              f"{r['packed_us']:.1f} | {r['packed_TBps']:.2f} | {r['max_abs_diff']:.1e} |")
+        print(f"| {r['batch']} x {r['context']} ({r['G']}) | {r['fa2_us']:.1f} | {r['fa2_TBps']:.2f} | "
+              f"{r['fa2_packed_TBps']:.2f} | {r['triton_us']:.1f} | {r['triton_TBps']:.2f} | "
+              f"{100 * r['triton_of_copy']:.0f}% | {r['triton_num_splits']} | {r['triton_max_abs_diff_vs_fa2']:.1e} |")
+    if sweep:
+        print("best Triton configuration per case (from --sweep):")
+        for (b, c, g), group in itertools.groupby(sweep, key=lambda r: (r["batch"], r["context"], r["G"])):
+            ok = [r for r in group if "TBps" in r]
+            if not ok:
+                print(f"  {b} x {c} (G={g}): every configuration failed")
+                continue
+            best = max(ok, key=lambda r: r["TBps"])
+            print(f"  {b} x {c} (G={g}): {best['TBps']:.2f} TB/s with block_n={best['block_n']} "
+                  f"num_warps={best['num_warps']} num_stages={best['num_stages']} num_splits={best['num_splits']}")
     if args.out:
+        report = {"command": " ".join(["python -m vattn_ray.bench attention", *argv]),
+                  "versions": dict(versions(), triton=triton.__version__),
+                  "device": device_info(torch.device("cuda", torch.cuda.current_device())),
+                  "copy_TBps": copy_tbps, "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": DIM,
+                                                    "dtype": "bfloat16"}, "rows": rows, "sweep": sweep}
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=2)
+            json.dump(report, f, indent=2)
     return 0

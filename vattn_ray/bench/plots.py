@@ -105,18 +105,21 @@ def plot_serving(report: dict, path: str) -> None:
 
 def plot_throughput(report: dict, path: str) -> None:
     plt = _pyplot()
-    ok = [r for r in report["results"] if "output_tokens_per_s" in r]
+    ok = [r for r in report["results"] if r.get("output_tokens_per_s") and r.get("kind", "throughput") == "throughput"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 2]})
     ax = axes[0]
-    ax.bar([r["system"] for r in ok], [r["output_tokens_per_s"] for r in ok])
+    ax.bar([f"{r['system']}\n{r.get('workload', '')}" for r in ok], [r["output_tokens_per_s"] for r in ok])
     ax.set_ylabel("output tokens/s")
     ax.set_title("offline throughput")
-    ax.tick_params(axis="x", labelrotation=20, labelsize=7)
+    ax.tick_params(axis="x", labelsize=7)
     ours = next((r for r in ok if r.get("kv_timeline")), {})
-    _kv_timeline(axes[1], ours.get("kv_timeline", []), f"{ours.get('system', 'vattn')}: KV page groups over the run")
+    _kv_timeline(axes[1], ours.get("kv_timeline", []),
+                 f"{ours.get('system', 'vattn')} {ours.get('workload', '')}: KV page groups over the run")
     cfg = report["config"]
+    device = report.get("device")
+    device = device.get("name", "") if isinstance(device, dict) else (device or "")
     fig.suptitle(f"throughput: {cfg['num_requests']} requests, {cfg['input_len']} in / {cfg['output_len']} out "
-                 f"tokens{', ' + report['device'] if report.get('device') else ''}")
+                 f"tokens{', ' + device if device else ''}")
     _save(fig, path)
 
 

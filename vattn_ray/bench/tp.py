@@ -157,19 +157,23 @@ def bench_throughput(engine: LLMEngine, args: argparse.Namespace, vocab: int) ->
 
 
 def _drive(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[tuple[float, int, int]]:
-    """Run `prompts` to the end; (execute seconds, sequences, tokens) of every step."""
+    """Run `prompts` to the end through the engine's step loop; (seconds since the previous step
+    completed, sequences, tokens) of every step."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(f"bench-{engine.num_steps}-{i}", p, params)
-    steps = []
-    while engine.has_unfinished_requests():
-        plan = engine.schedule()
-        if plan is None:
-            raise RuntimeError("the scheduler planned nothing while requests were unfinished")
-        t0 = time.perf_counter()
-        out = engine.executor.execute(plan)
-        steps.append((time.perf_counter() - t0, len(plan.seqs), plan.num_tokens))
-        engine.process(plan, out)
+    records = []
+    engine.step_observers.append(records.append)
+    start = time.perf_counter()
+    try:
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        engine.step_observers.remove(records.append)
+    steps, prev = [], start
+    for r in records:
+        steps.append((r.done_at - prev, r.num_seqs, r.num_tokens))
+        prev = r.done_at
     return steps
 
 

@@ -14,7 +14,8 @@ from torch import nn
 from vattn_ray.attention import AttentionBackend, AttentionMetadata
 from vattn_ray.model.layers import (MergedColumnParallelLinear, ParallelLMHead, RMSNorm, RowParallelLinear,
                                     VocabParallelEmbedding, divide)
-from vattn_ray.model.rope import RotaryEmbedding, apply_rope, rope_parameters
+from vattn_ray.model import fused
+from vattn_ray.model.rope import RotaryEmbedding, rope_parameters
 
 KVViews = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -66,9 +67,11 @@ class Attention(nn.Module):
         q, k, v = q.view(t, self.heads, d), k.view(t, self.kv_heads, d), v.view(t, self.kv_heads, d)
         if self.q_norm is not None:  # Qwen3 normalises each head before the rotation
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_cache, v_cache = kv(self.layer)
-        o = self.backend.forward(q, k, v, k_cache, v_cache, meta, state, self.scale)
+        # Rotate q and k and store k, v in their cache rows (one kernel on CUDA); new tokens then
+        # attend to themselves through the cache.
+        q = fused.rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping)
+        o = self.backend.attend(q, k_cache, v_cache, meta, state, self.scale)
         return self.o_proj(o.reshape(t, self.heads * d))
 
 
@@ -88,8 +91,7 @@ class MLP(nn.Module):
                                            dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split([self.local, self.local], dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -102,9 +104,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
         self.mlp = MLP(cfg, spec, dtype=dtype, device=device)
 
-    def forward(self, x, cos, sin, meta, state, kv) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, state, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos, sin, meta, state,
+                kv) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(mlp output, residual)`: the caller adds them (fused into the next norm). The residual
+        stream is the same sum as `x + attn(norm(x))`, `+ mlp(norm(...))`, just added one step later."""
+        if residual is None:  # first layer: the embeddings are the residual stream
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn(h, cos, sin, meta, state, kv)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class CausalLM(nn.Module):
@@ -141,9 +151,10 @@ class CausalLM(nn.Module):
         state = self.backend.prepare(meta)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, meta, state, kv)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, meta, state, kv)
+        return self.norm.add_forward(x, residual)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

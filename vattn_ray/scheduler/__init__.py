@@ -6,8 +6,8 @@ Pure Python (no torch). `Scheduler.schedule()` emits a `StepPlan`; `Scheduler.up
 
 from vattn_ray.scheduler.plan import (KVFailure, KVOp, NewRequest, SampledToken, SeqChunk, StepOutput,
                                       StepPlan)
-from vattn_ray.scheduler.request import RequestRejected, RequestUpdate
+from vattn_ray.scheduler.request import QueueFull, RequestRejected, RequestUpdate
 from vattn_ray.scheduler.scheduler import Scheduler, SchedulerStats
 
-__all__ = ["Scheduler", "SchedulerStats", "RequestRejected", "RequestUpdate", "StepPlan", "StepOutput",
+__all__ = ["Scheduler", "SchedulerStats", "RequestRejected", "QueueFull", "RequestUpdate", "StepPlan", "StepOutput",
            "KVOp", "SeqChunk", "NewRequest", "SampledToken", "KVFailure"]

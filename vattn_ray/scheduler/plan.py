@@ -3,6 +3,10 @@
 Pure Python dataclasses (picklable, no torch) so they travel cheaply to Ray actors.
 After a request's first step only diffs travel: its sampling parameters go once (`NewRequest`),
 and a decode step carries the one token the worker itself sampled on the step before.
+
+A plan may be built while the previous one still runs (the head looks one step ahead). A decode
+chunk then carries `PREVIOUS_SAMPLE` instead of a token id: the worker feeds the token it sampled
+for that slot in the previous step, straight from device memory, so the head never waits for it.
 """
 
 from __future__ import annotations
@@ -10,6 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vattn_ray.sampling_params import SamplingParams
+
+# A token id the head does not know yet: the one the worker sampled for this slot last step.
+PREVIOUS_SAMPLE = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +36,7 @@ class NewRequest:
 
     req_id: str
     sampling: SamplingParams
+    eos_token_ids: tuple[int, ...] = ()  # masked until `sampling.min_tokens` tokens are generated
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +79,9 @@ class StepPlan:
     seqs: tuple[SeqChunk, ...] = ()
     new_requests: tuple[NewRequest, ...] = ()
     finished: tuple[str, ...] = ()  # requests whose worker-side state can be dropped
+    # Built on top of the previous plan before its output was known (positions, placeholders):
+    # a worker skips it (executed=False) if the previous plan did not execute.
+    follows_previous: bool = False
 
     @property
     def num_tokens(self) -> int:

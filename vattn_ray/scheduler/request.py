@@ -19,6 +19,10 @@ class RequestRejected(ValueError):
     """A request that can never be served; the message says what to change."""
 
 
+class QueueFull(ValueError):
+    """Too many requests are waiting (`max_queued_requests`): retry later (HTTP 429)."""
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -42,7 +46,7 @@ class Request:
 
     __slots__ = ("req_id", "prompt_token_ids", "params", "eos_token_ids", "output_token_ids",
                  "status", "slot", "num_computed", "num_tokens", "sent", "seq_no", "max_kv_tokens",
-                 "scheduled_step")
+                 "scheduled_step", "planned_computed", "planned_tokens", "epoch")
 
     def __init__(self, req_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
                  eos_token_ids: Collection[int], seq_no: int) -> None:
@@ -58,12 +62,27 @@ class Request:
         self.sent = False  # whether workers hold its NewRequest (sent in an executed plan)
         self.seq_no = seq_no  # arrival order
         self.scheduled_step = -1  # the last step that computes some of its tokens
+        # What plans still in flight will have computed / produced once they run: the head plans
+        # the next step from these; `num_computed` and `num_tokens` move only when results arrive.
+        self.planned_computed = 0
+        self.planned_tokens = self.num_tokens
+        self.epoch = 0  # bumped on preemption: results of plans from an older epoch are stale
         # The last sampled token is never fed back, so the KV never holds more than this.
         self.max_kv_tokens = len(self.prompt_token_ids) + params.max_tokens - 1
 
     def append_output(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.num_tokens += 1
+
+    @property
+    def pending_samples(self) -> int:
+        """Tokens sampled by plans in flight whose ids the head has not seen yet."""
+        return self.planned_tokens - self.num_tokens
+
+    def reset_plan(self) -> None:
+        """Forget what plans in flight promised (they did not run, or their results are stale)."""
+        self.planned_computed = self.num_computed
+        self.planned_tokens = self.num_tokens
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -3,9 +3,15 @@
 Hot path: `schedule()` and `update()` run once per model step for every running request; keep the
 per-request work O(1) (no scans of the queues inside per-request loops).
 
-Protocol: `schedule()` -> the engine runs the plan on every shard -> `update(plan, output)`, strictly
-alternating (an empty plan may be skipped, update included). Request progress (`num_computed`, output tokens) is committed only in `update()` and
-only for an executed step, so a step that did not run needs no undo of request state.
+Protocol: `schedule()` -> the engine runs the plan on every shard -> `update(plan, output)`, in plan
+order (an empty plan may be skipped, update included). One plan may be scheduled ahead while the
+previous one runs (`can_schedule()`): it is planned from what the plan in flight will have done
+(`Request.planned_*`), and decode chunks whose last token is not known yet carry
+`PREVIOUS_SAMPLE`. Request progress (`num_computed`, output tokens) is committed only in `update()`
+and only for an executed step; a step that did not run only resets the plans' promises
+(`Request.reset_plan`). A request that ends (stop token, stop string, abort) while a plan ahead
+still computes one more token for it simply has that result ignored; its slot's pages are only ever
+shrunk by a later plan, which a worker applies after the earlier steps' device work is done.
 
 KV accounting and failures (see `update` and `_recover`):
 - `SlotTable.mapped` is what every shard will hold once all emitted ops are applied.
@@ -30,8 +36,9 @@ from dataclasses import dataclass
 from vattn_ray.config import SchedulerConfig
 from vattn_ray.layout import KVLayout
 from vattn_ray.sampling_params import SamplingParams
-from vattn_ray.scheduler.plan import KVOp, NewRequest, SeqChunk, StepOutput, StepPlan
-from vattn_ray.scheduler.request import Request, RequestRejected, RequestStatus, RequestUpdate
+from vattn_ray.scheduler.capacity import CapacityProbe
+from vattn_ray.scheduler.plan import PREVIOUS_SAMPLE, KVOp, NewRequest, SeqChunk, StepOutput, StepPlan
+from vattn_ray.scheduler.request import QueueFull, Request, RequestRejected, RequestStatus, RequestUpdate
 from vattn_ray.scheduler.slots import SlotTable
 
 logger = logging.getLogger(__name__)
@@ -59,6 +66,16 @@ class SchedulerStats:
     groups_mapped_total: int = 0  # page groups the shards were told to map since start-up
     groups_unmapped_total: int = 0
 
+
+
+@dataclass
+class _InFlight:
+    """A plan sent to the workers whose output has not been taken in yet."""
+
+    plan: StepPlan
+    upper: dict[int, int]  # slot -> most groups its shards may hold while the plan is applied
+    epochs: dict[str, int]  # request id -> its epoch when the plan was built
+    total_mapped: int  # page groups the shards hold once the plan is applied
 
 
 class _Step:
@@ -104,6 +121,7 @@ class Scheduler:
         self.layout = layout
         self._annotate_chunks = annotate_chunks
         self._slots = SlotTable(config.max_num_seqs, min(caps))
+        self._capacity = CapacityProbe(min(caps))  # lowered estimates are raised again later
         self._tb = layout.token_bytes
         self._pb = layout.page_bytes
         self._requests: dict[str, Request] = {}  # every unfinished request
@@ -112,8 +130,8 @@ class Scheduler:
         self._to_release: list[str] = []  # finished ids to announce in the next plan
         self._releasing: set[str] = set()  # ... and those announced in the plan in flight
         self._reassert: dict[int, int] = {}  # slot -> most groups its shards may hold
-        self._in_flight: StepPlan | None = None
-        self._in_flight_upper: dict[int, int] = {}
+        self._in_flight: deque[_InFlight] = deque()  # oldest first; at most two
+        self._draining = False  # a plan did not run: the one behind it will not either
         self._step = 0
         self._seq = 0
         self._num_preemptions = 0
@@ -136,11 +154,15 @@ class Scheduler:
                 f"max_model_len={limit}; shorten the prompt or lower max_tokens")
         req = Request(req_id, prompt_token_ids, params, eos_token_ids, self._seq)
         need = self._groups(req.max_kv_tokens)
-        if need > self._slots.capacity:
+        if need > self._capacity.nominal:
             raise RequestRejected(
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) needs {need} KV page groups but the "
-                f"KV cache holds {self._slots.capacity}; shorten the prompt, lower max_tokens or give the "
+                f"KV cache holds {self._capacity.nominal}; shorten the prompt, lower max_tokens or give the "
                 f"KV cache more memory")
+        limit = self.config.max_queued_requests
+        if limit is not None and len(self._waiting) >= limit:
+            raise QueueFull(f"{len(self._waiting)} requests are waiting for this server "
+                            f"(max_queued_requests={limit}); retry later")
         self._seq += 1
         self._requests[req_id] = req
         self._waiting.append(req)
@@ -169,17 +191,40 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
+    def has_work(self) -> bool:
+        """Whether the next plan would be non-empty: requests, or announcements still to send."""
+        return bool(self._requests or self._to_release or self._reassert)
+
     # ---------------------------------------------------------------- planning
+
+    def can_schedule(self) -> bool:
+        """Whether `schedule()` may be called now: nothing in flight, or one plan whose results the
+        next one can be planned ahead of (not after a step that failed to run)."""
+        return not self._in_flight or (len(self._in_flight) == 1 and not self._draining)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
 
     def schedule(self) -> StepPlan:
         """Plan the next step: decodes first, then running prefills, then waiting requests (FCFS)."""
-        if self._in_flight is not None:
-            raise RuntimeError(f"step {self._in_flight.step} is still in flight; call update() before "
-                               "scheduling the next step")
+        if not self.can_schedule():
+            raise RuntimeError(f"{len(self._in_flight)} step(s) in flight (draining={self._draining}); "
+                               "call update() before scheduling the next step")
         cfg = self.config
         slots = self._slots
+        restored = self._capacity.tick(slots.capacity)
+        if restored is not None:
+            slots.capacity = restored
         st = _Step(self._step, cfg.max_num_batched_tokens)
-        st.touched.update(self._reassert)
+        reassert = self._reassert
+        if self._in_flight:
+            # The plan in flight's prefetch may not have happened by the time this plan runs (its
+            # result, which would re-assert those slots, is not known yet): re-assert them here.
+            reassert = dict(reassert)
+            for op in self._in_flight[-1].plan.kv_prefetch:
+                reassert[op.slot] = max(reassert.get(op.slot, 0), op.num_groups)
+        st.touched.update(reassert)
         running = list(self._running.values())
         self._schedule_decodes(st, running)
         self._schedule_running_prefills(st, running)
@@ -187,7 +232,7 @@ class Scheduler:
 
         touched = st.touched
         now = [KVOp(s, slots.mapped[s]) for s, before in touched.items()
-               if slots.mapped[s] != before or s in self._reassert]
+               if slots.mapped[s] != before or s in reassert]
         # Shrinks before grows, so every shard returns pages to its pool before it takes new ones.
         now.sort(key=lambda op: op.num_groups >= touched[op.slot])
         upper = {s: max(before, slots.mapped[s]) for s, before in touched.items()}
@@ -197,12 +242,12 @@ class Scheduler:
             seqs = self._annotate_chunks(seqs)
         plan = StepPlan(step=self._step, kv_now=tuple(now), kv_prefetch=tuple(prefetch),
                         seqs=seqs, new_requests=tuple(st.new_requests),
-                        finished=tuple(self._to_release))
+                        finished=tuple(self._to_release), follows_previous=bool(self._in_flight))
         self._to_release = []
         if plan.seqs or plan.kv_now or plan.kv_prefetch or plan.finished:
             # An empty plan changes nothing anywhere: the engine may skip it (and its update()).
-            self._in_flight = plan
-            self._in_flight_upper = upper
+            self._in_flight.append(_InFlight(plan, upper, {r.req_id: r.epoch for r, _ in st.seqs},
+                                             slots.total_mapped))
             self._step += 1
         return plan
 
@@ -211,20 +256,28 @@ class Scheduler:
         tb, pb, mapped = self._tb, self._pb, self._slots.mapped
         seqs, step, RUNNING = st.seqs, st.step, RequestStatus.RUNNING
         budget = st.budget
+        max_len = self.config.max_model_len
         for req in running:
             if budget <= 0:
                 break
-            end = req.num_tokens
-            if req.num_computed != end - 1 or req.status is not RUNNING:
-                continue
-            if -(-end * tb // pb) > mapped[req.slot] and not self._reserve(st, req, end, _PREEMPT_ANY):
+            end = req.planned_tokens
+            if req.planned_computed != end - 1 or req.status is not RUNNING:
                 continue
             out = req.output_token_ids
-            last = out[-1] if out else req.prompt_token_ids[-1]  # or a prefill's last single token
-            seqs.append((req, SeqChunk(req.req_id, req.slot, end - 1, (last,), True, len(out))))
+            pending = end - req.num_tokens  # sampled by the plan in flight, id not known yet
+            if pending:
+                if len(out) + pending >= req.params.max_tokens or end >= max_len:
+                    continue  # the plan in flight ends it by length
+                last = PREVIOUS_SAMPLE
+            else:
+                last = out[-1] if out else req.prompt_token_ids[-1]  # or a prefill's last single token
+            if -(-end * tb // pb) > mapped[req.slot] and not self._reserve(st, req, end, _PREEMPT_ANY):
+                continue
+            seqs.append((req, SeqChunk(req.req_id, req.slot, end - 1, (last,), True, len(out) + pending)))
+            req.planned_computed, req.planned_tokens = end, end + 1
             req.scheduled_step = step
             if not req.sent:  # a one-token prompt, or a retry after a step that did not run
-                st.new_requests.append(NewRequest(req.req_id, req.params))
+                st.new_requests.append(NewRequest(req.req_id, req.params, tuple(sorted(req.eos_token_ids))))
                 req.sent = True
             budget -= 1
         st.budget = budget
@@ -234,15 +287,17 @@ class Scheduler:
         for req in running:
             if st.budget <= 0:
                 return
-            if req.status is not RequestStatus.RUNNING or req.scheduled_step == st.step:
+            if (req.status is not RequestStatus.RUNNING or req.scheduled_step == st.step
+                    or req.pending_samples):  # its next token is a decode of an unknown id
                 continue
-            n = req.num_tokens - req.num_computed
+            start = req.planned_computed
+            n = req.num_tokens - start
             if n > st.budget:
                 if not chunked:
                     continue
                 n = st.budget
-            if self._reserve(st, req, req.num_computed + n, _PREEMPT_OTHERS):
-                self._add_chunk(st, req, req.num_computed, req.num_computed + n)
+            if self._reserve(st, req, start + n, _PREEMPT_OTHERS):
+                self._add_chunk(st, req, start, start + n)
 
     def _schedule_waiting(self, st: _Step) -> None:
         slots = self._slots
@@ -308,9 +363,11 @@ class Scheduler:
                          len(req.output_token_ids))
         st.seqs.append((req, chunk))
         st.budget -= end - start
+        req.planned_computed = end
+        req.planned_tokens = req.num_tokens + (1 if chunk.sample else 0)
         req.scheduled_step = st.step
         if not req.sent:
-            st.new_requests.append(NewRequest(req.req_id, req.params))
+            st.new_requests.append(NewRequest(req.req_id, req.params, tuple(sorted(req.eos_token_ids))))
             req.sent = True
 
     def _plan_prefetch(self, st: _Step, upper: dict[int, int]) -> list[KVOp]:
@@ -340,19 +397,21 @@ class Scheduler:
 
     def update(self, plan: StepPlan, output: StepOutput) -> list[RequestUpdate]:
         """Apply the result of `plan`: append sampled tokens, finish requests, handle KV failures."""
-        if self._in_flight is None and not (plan.seqs or plan.kv_now or plan.kv_prefetch or plan.finished):
+        if not self._in_flight and not (plan.seqs or plan.kv_now or plan.kv_prefetch or plan.finished):
             return []  # an empty plan, never in flight
-        if plan is not self._in_flight:
-            raise ValueError("update() takes the plan returned by the latest schedule()")
+        if not self._in_flight or plan is not self._in_flight[0].plan:
+            raise ValueError("update() takes the oldest plan in flight (plans are updated in order)")
         if output.step != plan.step:
             raise ValueError(f"output of step {output.step} does not answer plan {plan.step}")
-        self._in_flight = None
+        flight = self._in_flight.popleft()
+        if not self._in_flight:
+            self._draining = False
         if output.kv_failures:
             self._num_kv_failures += len(output.kv_failures)
             logger.warning("step %d: %d KV op(s) failed (executed=%s), first: %s", plan.step,
                            len(output.kv_failures), output.executed, output.kv_failures[0])
         if not output.executed:
-            return self._recover(plan, output)
+            return self._recover(flight, output)
         # Executed: every kv_now op holds on every shard (failures here are of prefetch ops, whose
         # slots stay re-asserted until a kv_now confirms them).
         self._releasing.difference_update(plan.finished)
@@ -363,10 +422,11 @@ class Scheduler:
         sampled = {t.req_id: t for t in output.sampled}
         max_model_len = self.config.max_model_len
         updates: list[RequestUpdate] = []
+        epochs = flight.epochs
         for chunk in plan.seqs:
             req = self._requests.get(chunk.req_id)
-            if req is None or req.slot != chunk.slot:
-                continue  # aborted or finished by the engine while the step ran
+            if req is None or req.epoch != epochs[chunk.req_id]:
+                continue  # aborted, finished or preempted while the step ran: its result is stale
             assert req.num_computed == chunk.start, f"{req.req_id}: chunk does not continue its KV"
             req.num_computed = chunk.end
             if not chunk.sample:
@@ -383,8 +443,17 @@ class Scheduler:
                 updates.append(RequestUpdate(req.req_id, [tok.token_id], [tok], True, stop[0], stop[1]))
         return updates
 
-    def _recover(self, plan: StepPlan, output: StepOutput) -> list[RequestUpdate]:
-        """A `kv_now` op failed on some shard, so no shard ran `plan`; make the next plan safe."""
+    def _recover(self, flight: _InFlight, output: StepOutput) -> list[RequestUpdate]:
+        """A `kv_now` op failed on some shard (or the plan before did not run), so no shard ran
+        `plan`; make the next plan safe."""
+        plan = flight.plan
+        # What this plan (and any plan built on it) promised will not happen.
+        for req_id, epoch in flight.epochs.items():
+            req = self._requests.get(req_id)
+            if req is not None and req.epoch == epoch:
+                req.reset_plan()
+        if self._in_flight:
+            self._draining = True  # the plan behind it depends on it: workers will skip it too
         # What the plan announced may not have reached the workers: announce it again (workers
         # treat a repeated NewRequest or release as a no-op).
         self._to_release[:0] = plan.finished
@@ -393,12 +462,12 @@ class Scheduler:
             if req is not None:
                 req.sent = False
         # Shards may hold anything up to the larger of before/after for every slot the plan touched.
-        for slot, upper in self._in_flight_upper.items():
+        for slot, upper in flight.upper.items():
             self._reassert[slot] = max(self._reassert.get(slot, 0), upper)
         failed = {f.slot for f in output.kv_failures}
         if not failed:
             return []
-        total_planned = self._slots.total_mapped
+        total_planned = flight.total_mapped  # what the shards were asked to hold (not a later plan's)
         # The failed slots' contents are unknown: recompute their requests from scratch (newest
         # first, so FCFS order survives at the head of the waiting queue).
         for req in reversed(list(self._running.values())):
@@ -407,7 +476,8 @@ class Scheduler:
         for slot in failed:
             if 0 <= slot < self._slots.num_slots:
                 self._set_groups(None, slot, 0)
-        return self._shrink_capacity(max(0, min(self._slots.capacity, total_planned - 1)))
+        estimate = self._capacity.failed(max(0, min(self._slots.capacity, total_planned - 1)))
+        return self._shrink_capacity(estimate)
 
     def set_capacity(self, capacity_groups: int | Sequence[int]) -> list[RequestUpdate]:
         """Re-sync the pool size (e.g. after memory was lent to or returned by another user).
@@ -415,9 +485,10 @@ class Scheduler:
         Shrinking reclaims idle slots, then preempts; requests that can no longer fit even alone
         are aborted and returned as finished updates. Call between update() and schedule().
         """
-        if self._in_flight is not None:
+        if self._in_flight:
             raise RuntimeError("set_capacity() while a step is in flight")
         caps = [capacity_groups] if isinstance(capacity_groups, int) else list(capacity_groups)
+        self._capacity.reset(min(caps))
         return self._shrink_capacity(min(caps))
 
     def _shrink_capacity(self, capacity: int) -> list[RequestUpdate]:
@@ -432,9 +503,11 @@ class Scheduler:
             else:
                 self._preempt(next(reversed(self._running.values())), None)
         updates = []
-        for req in [r for r in self._requests.values() if self._groups(r.max_kv_tokens) > capacity]:
+        # Only what the shards hold for good (not a lowered estimate) makes a request impossible.
+        nominal = self._capacity.nominal
+        for req in [r for r in self._requests.values() if self._groups(r.max_kv_tokens) > nominal]:
             logger.error("aborting request %s: it needs %d KV page groups, the shards now hold %d",
-                         req.req_id, self._groups(req.max_kv_tokens), capacity)
+                         req.req_id, self._groups(req.max_kv_tokens), nominal)
             self._finish(req)
             updates.append(RequestUpdate(req.req_id, [], [], True, "abort"))
         return updates
@@ -460,6 +533,8 @@ class Scheduler:
         self._set_groups(st, slot, 0)
         req.slot = None
         req.num_computed = 0
+        req.reset_plan()
+        req.epoch += 1  # a token sampled for it by a plan in flight is dropped and recomputed
         req.status = RequestStatus.WAITING
         self._waiting.appendleft(req)
         self._num_preemptions += 1
@@ -508,13 +583,18 @@ class Scheduler:
         for req in self._waiting:
             assert req.status is RequestStatus.WAITING and req.slot is None and req.num_computed == 0, (
                 f"waiting request {req.req_id} holds a slot or computed tokens")
+            assert req.planned_computed == 0 and req.pending_samples == 0, f"waiting {req.req_id} has plans"
         for rid, req in self._running.items():
             assert req.status is RequestStatus.RUNNING and req.slot is not None, f"{rid} runs without a slot"
             assert slots.owner[req.slot] == rid, f"slot {req.slot} is not owned by its request {rid}"
             assert 0 <= req.num_computed < req.num_tokens, f"{rid}: computed {req.num_computed} of {req.num_tokens}"
-            assert slots.mapped[req.slot] >= self._groups(req.num_computed), (
-                f"{rid}: {req.num_computed} computed tokens but slot {req.slot} has {slots.mapped[req.slot]} groups")
+            assert req.num_computed <= req.planned_computed < req.planned_tokens, (
+                f"{rid}: planned {req.planned_computed} of {req.planned_tokens}, computed {req.num_computed}")
+            assert req.num_tokens <= req.planned_tokens <= req.num_tokens + len(self._in_flight), (
+                f"{rid}: {req.pending_samples} pending samples with {len(self._in_flight)} plans in flight")
+            assert slots.mapped[req.slot] >= self._groups(req.planned_computed), (
+                f"{rid}: {req.planned_computed} planned tokens but slot {req.slot} has {slots.mapped[req.slot]} groups")
         for rid, req in self._requests.items():
             assert len(req.output_token_ids) < req.params.max_tokens, f"{rid} should have finished"
-            assert self._groups(req.max_kv_tokens) <= slots.capacity, f"{rid} can never fit"
+            assert self._groups(req.max_kv_tokens) <= self._capacity.nominal, f"{rid} can never fit"
             assert req.sent or req.num_computed == 0, f"{rid} computed tokens before workers knew it"
