@@ -16,7 +16,7 @@ from ray.serve import Application
 
 from deploy.args import AppArgs
 from deploy.auth import resolve_api_key
-from deploy.metrics import ServerMetrics
+from deploy.llm_config import is_llm_config_shaped, to_app_args
 from deploy.server import OpenAIServer, create_app
 from placement import check_resources, serve_deployment_options
 
@@ -43,7 +43,7 @@ class LLMServer:
     def __init__(self, args: dict, device: str, engine_factory: EngineFactory | None = None) -> None:
         self.args = AppArgs(**args)
         self.engine = (engine_factory or make_engine)(self.args, device)
-        self.server = OpenAIServer(self.engine, self.args.served_name, ServerMetrics(self.args.served_name),
+        self.server = OpenAIServer(self.engine, self.args.served_names,
                                    max_request_bytes=self.args.max_request_bytes)
         self.server.replica_id = _replica_id()
         self._poller: asyncio.Task | None = None
@@ -93,11 +93,20 @@ def resolve_device(args: AppArgs) -> str:
 
 
 def build_app(args: dict | AppArgs | None = None) -> Application:
-    """The Serve application for `args` (the ``args:`` of a Serve config; see `deploy.args.AppArgs`)."""
+    """The Serve application for `args` (the ``args:`` of a Serve config): this app's flat arguments
+    (`deploy.args.AppArgs`) or Ray Serve LLM's shape (`deploy.llm_config`)."""
     import ray
 
+    if isinstance(args, dict) and is_llm_config_shaped(args):
+        args = to_app_args(args)
     app_args = args if isinstance(args, AppArgs) else AppArgs(**(args or {}))
     device = resolve_device(app_args)
+    if device == "cpu" and app_args.device == "auto" and app_args.accelerator_type:
+        # A GPU model cannot be asked of a cluster without GPUs; serve on its CPUs rather than
+        # fail (a config written for GPUs then runs on a laptop cluster unchanged).
+        logger.warning("accelerator_type=%s ignored: the cluster has no GPUs, serving on CPU",
+                       app_args.accelerator_type)
+        app_args = app_args.model_copy(update={"accelerator_type": None})
     placement = serve_deployment_options(
         app_args.tensor_parallel_size, device, app_args.placement_strategy, app_args.accelerator_type,
         replica_cpus=app_args.replica_cpus, worker_cpus=app_args.worker_cpus)
@@ -110,3 +119,7 @@ def build_app(args: dict | AppArgs | None = None) -> Application:
                 placement["placement_group_bundles"], placement["placement_group_strategy"])
     deployment = LLMServer.options(**placement, **app_args.deployment_options())
     return deployment.bind(app_args.model_dump(), device)
+
+
+# Ray Serve LLM's builder name, so `import_path: ray.serve.llm:build_openai_app` ports by module.
+build_openai_app = build_app

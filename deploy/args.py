@@ -23,8 +23,9 @@ class AppArgs(BaseModel):
     # --- the model
     model: str = Field("builtin:tiny-llama", description="Hugging Face checkpoint directory, or "
                        "builtin:<name> for a tiny random model built on first use")
-    served_model_name: str | None = Field(None, description="Name clients send as `model`; default: "
-                                          "the builtin name or the checkpoint directory's name")
+    served_model_name: str | list[str] | None = Field(
+        None, description="Name(s) clients send as `model` (a list: any of them; responses and metrics "
+        "use the first); default: the builtin name or the checkpoint directory's name")
     tokenizer: str | None = None
     # --- the engine
     tensor_parallel_size: int = Field(1, ge=1)
@@ -46,6 +47,9 @@ class AppArgs(BaseModel):
     api_key: str | None = Field(None, description="Require 'Authorization: Bearer <key>' on /v1/* and "
                                 "/stats (default: the VATTN_RAY_API_KEY environment variable, if set)")
     max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1, description="Largest request body (413)")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Other engine arguments "
+                                          "(fields of vattn_ray.config.EngineArgs, e.g. enforce_eager, "
+                                          "enable_chunked_prefill, generation_config)")
     # --- placement (see placement/)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "STRICT_PACK"
     accelerator_type: str | None = None
@@ -69,13 +73,33 @@ class AppArgs(BaseModel):
             raise ValueError("set either num_replicas or autoscaling_config, not both")
         return self
 
+    @model_validator(mode="after")
+    def _known_engine_kwargs(self) -> "AppArgs":
+        engine_fields = {f.name for f in dataclasses.fields(EngineArgs)} - {"extra", "model"}
+        for key in self.engine_kwargs:
+            if key in type(self).model_fields:
+                raise ValueError(f"engine_kwargs.{key}: set {key} as an argument of its own, not in engine_kwargs")
+            if key not in engine_fields:
+                raise ValueError(f"engine_kwargs.{key} is not an engine argument; known: {sorted(engine_fields)}")
+        names = self.served_model_name
+        if isinstance(names, list) and (not names or not all(names)):
+            raise ValueError("served_model_name must be a name or a non-empty list of non-empty names")
+        return self
+
+    @property
+    def served_names(self) -> list[str]:
+        """Every name clients may send as `model`; the first one is reported."""
+        if isinstance(self.served_model_name, list):
+            return list(self.served_model_name)
+        if self.served_model_name:
+            return [self.served_model_name]
+        if self.model.startswith("builtin:"):
+            return [self.model.split(":", 1)[1]]
+        return [os.path.basename(os.path.normpath(self.model))]
+
     @property
     def served_name(self) -> str:
-        if self.served_model_name:
-            return self.served_model_name
-        if self.model.startswith("builtin:"):
-            return self.model.split(":", 1)[1]
-        return os.path.basename(os.path.normpath(self.model))
+        return self.served_names[0]
 
     def engine_args(self, device: str | None = None) -> EngineArgs:
         """The engine's arguments; `device` overrides "auto" with what placement resolved."""
@@ -87,7 +111,8 @@ class AppArgs(BaseModel):
             kv_cache_memory_bytes=self.kv_cache_memory_bytes, kv_layers_per_tensor=self.kv_layers_per_tensor,
             attention_backend=self.attention_backend, placement_strategy=self.placement_strategy,
             accelerator_type=self.accelerator_type, seed=self.seed,
-            max_queued_requests=self.max_queued_requests, step_timeout_s=self.step_timeout_s)
+            max_queued_requests=self.max_queued_requests, step_timeout_s=self.step_timeout_s,
+            **self.engine_kwargs)
 
     def deployment_options(self) -> dict[str, Any]:
         """Serve options that were set (unset ones keep Serve's defaults)."""

@@ -1,6 +1,8 @@
-"""An optional API key: when set, `/v1/*` and `/stats` need ``Authorization: Bearer <key>``.
+"""An optional API key: when set, `/v1/*`, `/tokenize`, `/detokenize` and `/stats` need
+``Authorization: Bearer <key>``.
 
-`/health` stays open (Serve's and Kubernetes' probes carry no key), and so do the OpenAPI pages.
+`/health` stays open (Serve's and Kubernetes' probes carry no key), and so do `/metrics`
+(Prometheus scrapers, as vLLM leaves it) and the OpenAPI pages.
 A plain ASGI middleware (not Starlette's `BaseHTTPMiddleware`), so streaming responses and
 client-disconnect detection pass through untouched.
 """
@@ -13,7 +15,7 @@ import os
 from deploy.errors import error_response
 
 API_KEY_ENV = "VATTN_RAY_API_KEY"
-PROTECTED_PREFIXES = ("/v1/", "/stats")
+PROTECTED_PREFIXES = ("/v1/", "/stats", "/tokenize", "/detokenize")
 
 
 def resolve_api_key(configured: str | None) -> str | None:

@@ -34,7 +34,7 @@ UNSUPPORTED_FIELDS: dict[str, tuple] = {
     "skip_special_tokens": (True, None), "spaces_between_special_tokens": (True, None),
     "allowed_token_ids": (None,), "bad_words": (None, []), "truncate_prompt_tokens": (None,),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
-    "guided_decoding_backend": (None,), "guided_whitespace_pattern": (None,), "structured_outputs": (None,),
+    "guided_decoding_backend": (None,), "guided_whitespace_pattern": (None,),
     "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "parallel_tool_calls": (None, True, False), "audio": (None,), "modalities": (None, ["text"]),
     "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,), "verbosity": (None,),

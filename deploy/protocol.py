@@ -53,6 +53,8 @@ class _SamplingFields(_Request):
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     repetition_penalty: float | None = None
     min_p: float | None = None
+    response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema"}
+    structured_outputs: dict[str, Any] | None = None  # vLLM: {"json" | "regex" | "choice" | "grammar": ...}
 
 
 class CompletionRequest(_SamplingFields):
@@ -77,9 +79,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Int | None = None
     logprobs: bool = False
     top_logprobs: Int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True  # vLLM extension
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM extension: extra chat-template variables
 
 
 # ---- responses ------------------------------------------------------------------------------

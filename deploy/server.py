@@ -35,6 +35,8 @@ from deploy.metrics import RequestTimer, ServerMetrics
 from deploy.protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
                              CompletionChoice, CompletionRequest, CompletionResponse, ModelCard,
                              ModelList, new_id, now)
+from deploy.response_format import structured_outputs
+from deploy.routes import DetokenizeRequest, TokenizeRequest, add_routes
 from vattn_ray.async_engine import EngineDeadError
 from vattn_ray.outputs import RequestOutput
 from vattn_ray.sampling_params import RequestOutputKind, SamplingParams
@@ -66,15 +68,19 @@ class _EngineRequest:
 class OpenAIServer:
     """Completions and chat completions over one engine; see `create_app` for the routes."""
 
-    def __init__(self, engine, served_model_name: str, metrics: ServerMetrics | None = None,
+    def __init__(self, engine, served_model_name: str | list[str], metrics: ServerMetrics | None = None,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         self.engine = engine
-        self.model_name = served_model_name
+        # Clients may send any of the names; responses and metrics use the first (vLLM's rule).
+        self.model_names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
+        self.model_name = self.model_names[0]
         self.max_model_len = int(engine.config.scheduler.max_model_len)
         self.max_num_seqs = int(engine.config.scheduler.max_num_seqs)
+        # generation_config.json's sampling fields, for requests that leave them out (startup.py)
+        self.sampling_defaults = dict(getattr(getattr(engine.config, "model", None), "sampling_defaults", {}))
         self.tokenizer = engine.tokenizer
         self.token_text = TokenText(engine.tokenizer)
-        self.metrics = metrics or ServerMetrics(served_model_name)
+        self.metrics = metrics or ServerMetrics(self.model_name, self.max_model_len)
         self.num_client_aborts = 0
         self.max_request_bytes = max_request_bytes
         # A token covers at most this many bytes of text, and a character is at least one byte
@@ -94,8 +100,9 @@ class OpenAIServer:
 
     # ---- validation -------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(f"The model {model!r} does not exist; this server serves {self.model_name!r} "
+        if model is not None and model not in self.model_names:
+            served = self.model_name if len(self.model_names) == 1 else self.model_names
+            raise APIError(f"The model {model!r} does not exist; this server serves {served!r} "
                            "(see GET /v1/models)", status=404, param="model", code="model_not_found")
 
     def check_prompt_text(self, text: str, param: str) -> None:
@@ -152,7 +159,8 @@ class OpenAIServer:
                            param="messages")
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=req.add_generation_prompt)
+                                                      add_generation_prompt=req.add_generation_prompt,
+                                                      **(req.chat_template_kwargs or {}))
         except Exception as exc:  # jinja raises for e.g. roles the template does not accept
             raise APIError(f"the chat template rejected the messages: {exc}", param="messages") from exc
         # The template writes the special tokens (BOS) itself; don't add them twice.
@@ -167,7 +175,7 @@ class OpenAIServer:
                            param=prompt_param,
                            code="context_length_exceeded")
         if requested is None:
-            return room
+            return min(room, self.sampling_defaults.get("max_tokens", room))
         if isinstance(requested, int) and requested > room:
             raise APIError(f"This model's maximum context length is {self.max_model_len} tokens. However, "
                            f"you requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
@@ -180,21 +188,42 @@ class OpenAIServer:
             # The engine runs a request's n sequences side by side; more than its slots never fit.
             raise APIError(f"n={req.n} exceeds this server's max_num_seqs={self.max_num_seqs}; lower n",
                            param="n")
+        defaults = self.sampling_defaults
+
+        def pick(name: str, value, fallback):  # the request's value, else the checkpoint's, else ours
+            return value if value is not None else defaults.get(name, fallback)
+
+        structured = structured_outputs(req.response_format, req.structured_outputs)
         try:
-            return SamplingParams(
+            params = SamplingParams(
                 max_tokens=max_tokens, n=req.n,
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p,
-                top_k=-1 if req.top_k is None else req.top_k,
+                temperature=pick("temperature", req.temperature, 1.0),
+                top_p=pick("top_p", req.top_p, 1.0),
+                top_k=pick("top_k", req.top_k, -1),
                 seed=req.seed, stop=req.stop or (), stop_token_ids=req.stop_token_ids or (),
                 ignore_eos=req.ignore_eos, logprobs=logprobs, min_tokens=req.min_tokens,
-                repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                repetition_penalty=pick("repetition_penalty", req.repetition_penalty, 1.0),
                 presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-                min_p=req.min_p or 0.0, logit_bias=_logit_bias(req.logit_bias),
+                min_p=pick("min_p", req.min_p, 0.0), logit_bias=_logit_bias(req.logit_bias),
+                structured_outputs=structured,
                 # A stream needs what is new each step; a plain response only the end.
                 output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY)
         except ValueError as exc:
             raise APIError.from_value_error(exc) from exc
+        self.compile_structured(params)
+        return params
+
+    def compile_structured(self, params: SamplingParams) -> None:
+        """Compile a structured-output constraint now (on the pool: `prepare_*` run there), so the
+        engine finds it compiled at admission; 400 when it cannot be compiled."""
+        spec = params.structured_outputs
+        compile_fn = getattr(self.engine, "compile_structured", None)
+        if spec is None or compile_fn is None:
+            return
+        try:
+            compile_fn(spec)
+        except ValueError as exc:
+            raise APIError(str(exc), param="response_format") from exc
 
     # ---- driving the engine -----------------------------------------------------------------
     async def start(self, prompts: list[list[int]], params: list[SamplingParams],
@@ -227,11 +256,8 @@ class OpenAIServer:
 
     def _observe(self, r: _EngineRequest, out: RequestOutput) -> None:
         r.last = out
-        new = sum(len(o.delta_token_ids) for o in out.outputs)
-        r.num_generated += new
-        r.timer.on_tokens(new, out.metrics.get("first_token_time"))
-        if out.finished:
-            r.timer.on_finish([o.finish_reason for o in out.outputs])
+        r.num_generated += sum(len(o.delta_token_ids) for o in out.outputs)
+        r.timer.on_output(out)
 
     async def outputs(self, reqs: list[_EngineRequest]
                       ) -> AsyncIterator[tuple[_EngineRequest, RequestOutput]]:
@@ -285,7 +311,7 @@ class OpenAIServer:
         pending = [r for r in reqs if not r.finished]
         if client_gone and pending:
             self.num_client_aborts += 1
-            self.metrics.client_aborts.inc(1, tags=self.metrics.tags)
+            self.metrics.client_aborts.record(1)
             logger.info("client went away; aborting %s", [r.request_id for r in pending])
         for r in pending:
             await self.engine.abort(r.request_id)
@@ -303,15 +329,15 @@ class OpenAIServer:
 
     # ---- endpoints ----------------------------------------------------------------------------
     def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.max_model_len)])
+        return ModelList(data=[ModelCard(id=name, max_model_len=self.max_model_len) for name in self.model_names])
 
     def prepare_completion(self, req: CompletionRequest) -> tuple[list[list[int]], list[SamplingParams]]:
         """Validate and tokenize (CPU work: runs on the pool)."""
         self.check_model(req.model)
-        # response_format on completions is left to its own handling; everything else is judged.
-        check_fields(req.model_extra, exempt=frozenset({"response_format"}))
-        if req.echo:
-            raise APIError("echo is not supported; omit it", param="echo")
+        check_fields(req.model_extra)
+        if req.echo and req.logprobs is not None:
+            raise APIError("echo with logprobs needs prompt log-probabilities, which are not supported yet; "
+                           "omit one of them", param="echo")
         if req.suffix:
             raise APIError("suffix is not supported; omit it", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
@@ -325,28 +351,42 @@ class OpenAIServer:
         prompts, params = await self.offload(self.prepare_completion, req)
         rid = new_id("cmpl")
         reqs = await self.start(prompts, params, rid)
+        echo = self._echo_texts(req, prompts)
         if req.stream:
-            return _sse_response(self._completion_stream(req, reqs, rid))
+            return _sse_response(self._completion_stream(req, reqs, rid, echo))
         await self.run_to_end(reqs)
         choices = []
-        for r in reqs:
+        for r, prefix in zip(reqs, echo):
             for o in r.last.outputs:
                 lp = None
                 if req.logprobs is not None and o.logprobs is not None:
                     lp = completion_logprobs(self.token_text, o.token_ids, o.logprobs, req.logprobs)
-                choices.append(CompletionChoice(index=r.choice_base + o.index, text=o.text, logprobs=lp,
+                choices.append(CompletionChoice(index=r.choice_base + o.index, text=prefix + o.text, logprobs=lp,
                                                 finish_reason=o.finish_reason))
         return CompletionResponse(id=rid, created=now(), model=self.model_name,
                                   choices=sorted(choices, key=lambda c: c.index), usage=self._usage(reqs))
 
-    async def _completion_stream(self, req: CompletionRequest, reqs, rid: str) -> AsyncIterator[str]:
-        created, offsets, done = now(), {}, set()
+    def _echo_texts(self, req: CompletionRequest, prompts: list[list[int]]) -> list[str]:
+        """Per prompt, the text `echo` puts before the completion ("" without echo)."""
+        if not req.echo:
+            return [""] * len(prompts)
+        if isinstance(req.prompt, str):
+            return [req.prompt]
+        if isinstance(req.prompt[0], str):
+            return list(req.prompt)
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]  # token-id prompts
+
+    async def _completion_stream(self, req: CompletionRequest, reqs, rid: str,
+                                 echo: list[str]) -> AsyncIterator[str]:
+        created, offsets, done, echoed = now(), {}, set(), set()
         try:
             async for r, out in self.outputs(reqs):
                 for o in out.outputs:
                     index = r.choice_base + o.index
                     if index in done or not (o.delta_text or o.delta_token_ids or o.finish_reason):
                         continue
+                    prefix = "" if index in echoed else echo[reqs.index(r)]
+                    echoed.add(index)
                     lp = None
                     if req.logprobs is not None and o.logprobs is not None:
                         lp = completion_logprobs(self.token_text, o.delta_token_ids, _new_logprobs(o),
@@ -358,7 +398,7 @@ class OpenAIServer:
                         done.add(index)
                     yield sse({"id": rid, "object": "text_completion", "created": created,
                                "model": self.model_name,
-                               "choices": [{"index": index, "text": o.delta_text, "logprobs": lp,
+                               "choices": [{"index": index, "text": prefix + o.delta_text, "logprobs": lp,
                                             "finish_reason": o.finish_reason}]})
             if req.stream_options and req.stream_options.include_usage:
                 yield sse({"id": rid, "object": "text_completion", "created": created,
@@ -375,8 +415,6 @@ class OpenAIServer:
         check_fields(req.model_extra)
         if req.tools:
             raise APIError("tools are not supported; omit them", param="tools")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise APIError("only response_format {\"type\": \"text\"} is supported", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
         k = (req.top_logprobs or 0) if req.logprobs else None
@@ -542,9 +580,10 @@ def create_app(server: OpenAIServer, api_key: str | None = None) -> FastAPI:
     and `/stats` need ``Authorization: Bearer <api_key>`` (401 otherwise)."""
     app = FastAPI(title="vattn-ray", summary="OpenAI-compatible LLM server")
     install_error_handlers(app)
-    _with_request_schemas(app, [CompletionRequest, ChatCompletionRequest])
+    _with_request_schemas(app, [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest])
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    add_routes(app, server)  # /tokenize, /detokenize, /metrics
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -37,11 +37,12 @@ def test_poisson_arrivals_are_seeded_and_have_the_rate():
 
 def test_benchmark_at_one_rate(served, tmp_path, capsys):  # noqa: F811
     base, _ = served
-    out = tmp_path / "serving.json"
+    out, png = tmp_path / "serving.json", tmp_path / "serving.png"
     t0 = time.monotonic()
     rc = serving.main(["--url", base, "--model", MODEL, "--model-path", "builtin:tiny-llama",
                        "--rates", str(RATE), "--duration", str(DURATION), "--input-len", str(INPUT_LEN),
-                       "--output-len", str(OUTPUT_LEN), "--timeout", "60", "--out", str(out)])
+                       "--output-len", str(OUTPUT_LEN), "--timeout", "60", "--out", str(out),
+                       "--stats-interval", "0.2", "--plot", str(png)])
     elapsed = time.monotonic() - t0
     assert rc == 0
     report = json.loads(out.read_text())
@@ -69,6 +70,12 @@ def test_benchmark_at_one_rate(served, tmp_path, capsys):  # noqa: F811
     assert r["request_throughput"] == pytest.approx(r["completed"] / r["duration_s"])
     assert r["output_tokens_per_s"] == pytest.approx(r["output_tokens"] / r["duration_s"])
     assert r["peak_in_flight"] >= 1
+    # The figure's data: every inter-token gap, and the server's KV books sampled during the rate.
+    assert len(r["itl_s"]) == sum(q["chunks"] - 1 for q in r["requests"])
+    timeline = r["kv_timeline"]
+    assert len(timeline) >= DURATION / 0.2 / 2 and max(s["num_running"] for s in timeline) >= 1
+    assert max(s["num_groups_mapped"] for s in timeline) > 0
+    assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 10_000
     table = capsys.readouterr().out
     assert "| rate | sent | ok | failed |" in table
     assert f"| {RATE:g} | {r['sent']} | {r['sent']} | 0 |" in table

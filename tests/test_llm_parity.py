@@ -32,8 +32,8 @@ def _prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
 
 
-def run_llm(path: str, prompts, **kwargs):
-    llm = LLM(model=path, device="cpu", dtype="float32", page_bytes=PAGE, max_model_len=256,
+def run_llm(path: str, prompts, max_model_len: int = 256, **kwargs):
+    llm = LLM(model=path, device="cpu", dtype="float32", page_bytes=PAGE, max_model_len=max_model_len,
               **kwargs)
     try:
         outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
@@ -74,7 +74,8 @@ def test_preemption_by_tiny_pool_keeps_tokens(checkpoints):
     probe.shutdown()
     # Room for about two and a half requests at full length: six must take turns.
     groups = int(2.5 * (65 + MAX_TOKENS) / tokens_per_group) + 1
-    ours, stats = run_llm(path, prompts, kv_cache_memory_bytes=groups * group_bytes,
+    # max_model_len 128: the engine refuses to start when one full-length request cannot fit.
+    ours, stats = run_llm(path, prompts, max_model_len=128, kv_cache_memory_bytes=groups * group_bytes,
                           max_num_batched_tokens=512)
     assert stats["num_preemptions"] > 0
     assert ours == hf_greedy(path, prompts, MAX_TOKENS)

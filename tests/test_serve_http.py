@@ -313,7 +313,7 @@ def test_malformed_json_is_400(client):
     ({"prompt": "x", "stop": [""]}, "stop.0", ["stop"]),
     ({"prompt": "x", "temperature": "hot"}, "temperature", ["valid number"]),
     ({"prompt": "x", "presence_penalty": 5}, "presence_penalty", ["presence_penalty must be", "[-2, 2]"]),
-    ({"prompt": "x", "echo": True}, "echo", ["not supported"]),
+    ({"prompt": "x", "echo": True, "logprobs": 1}, "echo", ["not supported"]),
     ({"prompt": "~refused"}, "prompt", ["refuses"]),
 ])
 def test_bad_completion_input_is_400_naming_the_field(client, body, param, words):

@@ -116,11 +116,12 @@ def test_qwen3_tp2_under_forced_preemption_matches(ckpts):
     path = ckpts["qwen3"]
     prompts = _prompts([60, 61, 62, 63, 64, 65], seed=2)
     # The shard's layout at TP=2 (1 KV head of 16 dims, both layers in one tensor, float32).
+    # max_model_len 128: the engine refuses to start when one full-length request cannot fit.
     shard = KVLayout.build(num_layers=2, layers_per_tensor=2, num_kv_heads=1, head_dim=16, itemsize=4,
-                           page_bytes=PAGE, max_slots=64, max_model_len=256)
+                           page_bytes=PAGE, max_slots=64, max_model_len=128)
     groups = int(2.5 * (65 + MAX_TOKENS) / shard.tokens_per_group) + 1  # ~2.5 requests at a time
     with LLM(model=path, tensor_parallel_size=2, kv_cache_memory_bytes=groups * shard.page_group_bytes,
-             max_num_batched_tokens=512, **ENGINE) as llm:
+             max_num_batched_tokens=512, **{**ENGINE, "max_model_len": 128}) as llm:
         assert llm.engine.layout == shard
         ours = _greedy(llm, prompts)
         _assert_shards_in_lockstep(llm)

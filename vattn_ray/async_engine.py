@@ -110,6 +110,11 @@ class AsyncLLMEngine:
         self._wake.set()
         await future
 
+    def compile_structured(self, spec) -> None:
+        """Compile a structured-output constraint now (thread-safe, cached), so that admitting its
+        request does not compile it under the engine lock; ValueError if it is invalid."""
+        self.engine.structured.compile(spec)
+
     def check_health(self) -> None:
         if self._error is None:
             stall = self._watchdog.stalled(self.engine.has_unfinished_requests(), self.engine.last_step_end)

@@ -24,6 +24,8 @@ class ModelConfig:
     max_model_len: int
     seed: int = 0
     tokenizer: str | None = None  # defaults to `model`
+    # SamplingParams fields recommended by generation_config.json (see vattn_ray/startup.py)
+    sampling_defaults: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ class EngineArgs:
     enforce_eager: bool = False
     max_queued_requests: int | None = None  # serving: bound the waiting queue (429 beyond it)
     step_timeout_s: float = 60.0  # serving: a step running longer marks the engine unhealthy
+    generation_config: str = "auto"  # "auto": the checkpoint's sampling defaults; "vllm": none; or a dir
     extra: dict = field(default_factory=dict)
 
     def resolve(self) -> EngineConfig:
@@ -136,8 +139,11 @@ class EngineArgs:
         heads = int(hf["num_attention_heads"])
         head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // heads)
         backend = resolve_backend(self.attention_backend, device, head_dim)
+        from vattn_ray.startup import sampling_defaults
+
         return EngineConfig(
-            model=ModelConfig(model, dtype, max_model_len, self.seed, self.tokenizer),
+            model=ModelConfig(model, dtype, max_model_len, self.seed, self.tokenizer,
+                              sampling_defaults(model, self.generation_config)),
             cache=CacheConfig(layers_per_tensor, page_bytes, self.gpu_memory_utilization,
                               self.kv_cache_memory_bytes, self.enable_prefetch),
             scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, max_model_len,
@@ -157,11 +163,16 @@ def _positive(name: str, value: int) -> None:
 
 
 def resolve_model_path(model: str) -> str:
-    """A checkpoint directory; `builtin:<name>` is a tiny model built on first use into a cache."""
+    """A checkpoint directory; `builtin:<name>` is a tiny model built on first use into a cache, and
+    a Hugging Face repo id ("org/name") is fetched into the Hugging Face cache (as vLLM does)."""
     if model.startswith("builtin:"):
         from vattn_ray.model.builder import ensure_builtin_model
 
         return ensure_builtin_model(model.split(":", 1)[1])
+    if not os.path.isdir(model):
+        from vattn_ray.hub import resolve_hub_model
+
+        return resolve_hub_model(model)
     return model
 
 

@@ -25,6 +25,8 @@ from vattn_ray.executor import make_executor
 from vattn_ray.outputs import CompletionOutput, RequestOutput
 from vattn_ray.sampling_params import RequestOutputKind, SamplingParams
 from vattn_ray.scheduler.plan import StepOutput, StepPlan
+from vattn_ray.startup import check_kv_fits
+from vattn_ray.structured import StructuredOutputs
 
 logger = logging.getLogger(__name__)
 GIB = 1 << 30
@@ -91,14 +93,17 @@ class LLMEngine:
         try:
             infos = self.executor.start()
             self.layout = _agreed_layout(infos)
+            check_kv_fits(config.scheduler.max_model_len, self.layout, min(i.capacity_groups for i in infos))
         except BaseException:
             self.executor.shutdown()  # actors and the placement group must not outlive a failed start
             raise
         from vattn_ray.scheduler import Scheduler
 
-        self.scheduler = Scheduler(config.scheduler, self.layout, [i.capacity_groups for i in infos])
         self.eos_token_ids = _eos_ids(self.tokenizer, config.model.model)
         self.vocab_size = int(read_hf_config(config.model.model)["vocab_size"])
+        self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        self.scheduler = Scheduler(config.scheduler, self.layout, [i.capacity_groups for i in infos],
+                                   annotate_chunks=self.structured.annotate)
         self.requests: dict[str, _Request] = {}
         self.seq_of: dict[str, _Sequence] = {}  # scheduler request id -> sequence
         self.num_steps = 0
@@ -145,6 +150,8 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize(prompt)
         params.check_vocab(self.vocab_size)
+        if params.structured_outputs is not None:
+            self.structured.compile(params.structured_outputs)  # a bad schema is refused here
         req = _Request(request_id, text, ids, kind=params.output_kind)
         added: list[str] = []
         try:
@@ -156,12 +163,15 @@ class LLMEngine:
                                 CompletionOutput(index=i, logprobs=[] if child.logprobs is not None else None))
                 self.scheduler.add_request(seq_id, ids, child, self.eos_token_ids)
                 added.append(seq_id)
+                if child.structured_outputs is not None:
+                    self.structured.add(seq_id, child.structured_outputs)
                 req.seqs.append(seq)
                 self.seq_of[seq_id] = seq
         except ValueError:
             for seq_id in added:
                 self.scheduler.abort(seq_id)
                 self.seq_of.pop(seq_id, None)
+                self.structured.remove(seq_id)
             raise
         self.requests[request_id] = req
 
@@ -175,6 +185,7 @@ class LLMEngine:
                 self.scheduler.abort(seq_id)
                 seq.output.finish_reason = "abort"
             self.seq_of.pop(seq_id, None)
+            self.structured.remove(seq_id)
         return self._make_output(req)
 
     def has_unfinished_requests(self) -> bool:
@@ -184,6 +195,11 @@ class LLMEngine:
         """Whether `step()` would do anything (requests, announcements, or steps in flight)."""
         return bool(self._in_flight) or self.scheduler.has_work()
 
+    def needs_sync(self) -> bool:
+        """Whether the next step must be planned only after this one is processed: a live request
+        has structured output, whose next token mask depends on the token being sampled now."""
+        return self.structured.needs_sync()
+
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Launch the next step, then take in the oldest finished one; returns the outputs of
@@ -191,14 +207,17 @@ class LLMEngine:
         plan = None
         with self.lock:
             self.executor.check_alive()  # after a worker failure, say so rather than plan again
-            if len(self._in_flight) < self._depth and self.scheduler.can_schedule():
+            # A structured-output request's next token mask needs the token being sampled now:
+            # while one is live, no step is planned ahead of the one in flight.
+            depth = 1 if self.needs_sync() else self._depth
+            if len(self._in_flight) < depth and self.scheduler.can_schedule():
                 plan = self.scheduler.schedule()
                 if not (plan.seqs or plan.kv_now or plan.kv_prefetch or plan.finished):
                     plan = None
         # Launching may block (a TP group runs the step before it answers): never under the lock.
         if plan is not None:
             self._in_flight.append((plan, self.executor.submit(plan)))
-            if plan.seqs and len(self._in_flight) < self._depth:
+            if plan.seqs and len(self._in_flight) < depth:
                 return []  # the next call plans ahead of this step before waiting for it
         if not self._in_flight:
             return []
@@ -231,9 +250,14 @@ class LLMEngine:
             req = seq.parent
             if upd.new_token_ids and req.first_token is None:
                 req.first_token = now
+            ended = self.structured.accept(upd.req_id, upd.new_token_ids)
+            if ended is not None and not upd.finished:  # the grammar is complete: end like a stop token
+                self.scheduler.finish(upd.req_id, ended)
+                upd.finished, upd.finish_reason = True, ended
             self._append(seq, upd)
             if seq.output.finished:
                 self.seq_of.pop(upd.req_id, None)
+                self.structured.remove(upd.req_id)
             touched[req.request_id] = req
         outputs = []
         for req in touched.values():

@@ -9,8 +9,10 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+from vattn_ray.chat import Message, apply_chat_template
 from vattn_ray.config import EngineArgs
 from vattn_ray.engine import LLMEngine
 from vattn_ray.outputs import RequestOutput
@@ -37,16 +39,40 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the checkpoint's generation_config.json defaults (see startup.py)."""
+        return SamplingParams(**self.engine.config.model.sampling_defaults)
+
+    def chat(self, messages: Sequence[Message] | Sequence[Sequence[Message]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = False, *, chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False,
+             chat_template_kwargs: Mapping[str, Any] | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of ``{"role", "content"}`` messages) or to
+        a list of conversations, rendered with the checkpoint's chat template; see `generate`."""
+        if not messages:
+            raise ValueError("messages is empty; send at least one message")
+        conversations = [messages] if isinstance(messages[0], Mapping) else list(messages)
+        rendered = [apply_chat_template(self.get_tokenizer(), conv, add_generation_prompt=add_generation_prompt,
+                                        continue_final_message=continue_final_message,
+                                        chat_template=chat_template, chat_template_kwargs=chat_template_kwargs)
+                    for conv in conversations]
+        outs = self.generate([ids for _, ids in rendered], sampling_params, use_tqdm)
+        for out, (text, _) in zip(outs, rendered):
+            out.prompt = text
+        return outs
+
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in the order of `prompts`.
 
-        `prompts`: a string, a list of token ids, or a list of either.
+        `prompts`: a string, a list of token ids, or a list of either. Without `sampling_params`
+        the checkpoint's generation_config.json defaults apply (`get_default_sampling_params`).
         """
         prompt_list = _as_prompt_list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         params = ([sampling_params] * len(prompt_list) if isinstance(sampling_params, SamplingParams)
                   else list(sampling_params))
         if len(params) != len(prompt_list):

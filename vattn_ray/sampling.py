@@ -23,6 +23,7 @@ import torch
 from vattn_ray.logits_processors import TokenHistory, process_logits
 from vattn_ray.sampling_params import SamplingParams
 from vattn_ray.scheduler.plan import SampledToken, SeqChunk
+from vattn_ray.structured import apply_token_masks
 
 _MASK64 = (1 << 64) - 1
 _MIN_TEMPERATURE = 1e-5
@@ -110,8 +111,9 @@ class Sampler:
         n = logits.shape[0]
         if not (n == len(chunks) == len(params)):
             raise ValueError(f"{n} logit rows for {len(chunks)} chunks and {len(params)} params")
-        if any(not p.greedy or p.processes_logits for p in params):
-            logits = process_logits(logits.float(), chunks, params, history)
+        if any(not p.greedy or p.processes_logits for p in params) or any(c.token_mask is not None for c in chunks):
+            # Structured output's token masks after the processors; the caller keeps the raw logits.
+            logits = apply_token_masks(process_logits(logits.float(), chunks, params, history), chunks)
         tokens = logits.argmax(dim=-1)  # greedy rows keep this; random rows are overwritten below
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:

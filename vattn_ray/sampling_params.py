@@ -8,6 +8,7 @@ reaches a step, because a step that raises stops the engine for every request, n
 from __future__ import annotations
 
 import enum
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class SamplingParams:
     n: int = 1
     min_tokens: int = 0
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: "StructuredOutputsParams | None" = None  # constrain the output (JSON, regex, ...)
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -94,6 +96,9 @@ class SamplingParams:
         _real("presence_penalty", self.presence_penalty, -MAX_PENALTY, MAX_PENALTY)
         _real("frequency_penalty", self.frequency_penalty, -MAX_PENALTY, MAX_PENALTY)
         _real("min_p", self.min_p, 0.0, 1.0)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams, got "
+                             f"{type(self.structured_outputs).__name__}")
 
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids this request names must exist in the model's vocabulary (the engine knows it)."""
@@ -126,3 +131,57 @@ def _real(name: str, value, low: float, high: float) -> float:
             or not low <= value <= high:
         raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], got {value!r}")
     return float(value)
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What the output must match (vLLM's names); exactly one of the constraints is set.
+
+    `json` is a JSON schema (a dict or its JSON text), `json_object` any JSON object (OpenAI's
+    ``response_format: {"type": "json_object"}``), `regex` a regular expression, `choice` one of a
+    list of strings, `grammar` an EBNF grammar (GBNF syntax). The schema is kept as canonical JSON
+    text, so equal schemas share one compiled grammar and the params stay hashable.
+    """
+
+    json: str | dict | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    disable_any_whitespace: bool = False  # JSON without free whitespace between tokens
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, dict):
+            object.__setattr__(self, "json", _canonical_json(self.json))
+        elif isinstance(self.json, str):
+            try:
+                object.__setattr__(self, "json", _canonical_json(json.loads(self.json)))
+            except ValueError as exc:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from exc
+        elif self.json is not None:
+            raise ValueError("structured_outputs.json must be a JSON schema (an object or its JSON text)")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not all(isinstance(c, str) and c for c in self.choice) \
+                    or not self.choice:
+                raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string")
+        kinds = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        kinds += ["json_object"] if self.json_object else []
+        if len(kinds) != 1:
+            raise ValueError("structured_outputs needs exactly one of json, json_object, regex, choice, "
+                             f"grammar; got {kinds or 'none'}")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: "json", "json_object", "regex", "choice" or "grammar"."""
+        if self.json_object:
+            return "json_object"
+        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None)
+
+
+def _canonical_json(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

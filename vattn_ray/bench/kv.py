@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="decode steps timed (cuda 256, cpu 48)")
     p.add_argument("--step-ms", type=float, default=None, help="compute per step (cuda 4, cpu 3)")
     p.add_argument("--out", help="also write the results as JSON here")
+    p.add_argument("--plot", help="draw the results into this file (matplotlib)")
     args = p.parse_args(argv)
     fill_device_defaults(args, args.device == "cuda", {
         "layers_per_tensor": ("1,8,32", "1,32"), "map_mib": (8192, 512), "batch": (32, 4),
@@ -240,11 +241,15 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     compute = Compute(args.device, args.step_ms)
     result = {"device_name": device_name(args.device),
-              "config": {k: v for k, v in vars(args).items() if k != "out"},
+              "config": {k: v for k, v in vars(args).items() if k not in ("out", "plot")},
               "throughput": [row for g in args.gs for row in bench_throughput(args, g)],
               "decode": [bench_decode(args, g, compute) for g in args.gs]}
     sys.stdout.write(render(result))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
+    if args.plot:
+        from vattn_ray.bench.plots import plot_kv
+
+        plot_kv(result, args.plot)
     return 0

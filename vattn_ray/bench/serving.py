@@ -23,7 +23,9 @@ tokens/s (over the time from the first arrival to the last completion), TTFT, in
 (TPOT: per request, (last chunk - first chunk) / (tokens - 1)) and end-to-end latency, as p50/p99
 (and mean) in milliseconds. A chunk normally holds one token; `tokens_per_chunk` says whether the
 server coalesced tokens (then ITL is per chunk, not per token, and TPOT is the per-token figure).
-Only the standard library and aiohttp are needed on the client.
+While a rate runs, the server's `GET /stats` is sampled every --stats-interval seconds (KV page
+groups, running and waiting requests: `kv_timeline`; skipped when the server has no /stats).
+Only the standard library and aiohttp are needed on the client; --plot also needs matplotlib.
 """
 
 from __future__ import annotations
@@ -267,6 +269,7 @@ def summarize(rate: float, start: float, arrivals: list[float], results: list[Re
         "itl_ms": _ms_stats(itls),
         "tpot_ms": _ms_stats([t for r in ok if (t := r.tpot) is not None]),
         "e2e_ms": _ms_stats([r.e2e for r in ok]),
+        "itl_s": [round(g, 6) for g in itls],  # every gap, for CDFs
         "requests": [
             {"arrival_s": a, "sent_s": r.send_time - start if r.send_time else None, "ttft_s": r.ttft,
              "e2e_s": r.e2e, "output_tokens": r.output_tokens, "chunks": len(r.chunk_times),
@@ -336,7 +339,9 @@ async def run_rate(session: aiohttp.ClientSession, args: argparse.Namespace, rat
             in_flight -= 1
 
     tasks: list[asyncio.Task] = []
+    timeline: list[dict[str, Any]] = []
     start = time.perf_counter()
+    sampler_task = asyncio.create_task(sample_stats(session, args, start, timeline))
     for offset, body, result in zip(arrivals, bodies, results):
         delay = start + offset - time.perf_counter()
         if delay > 0:
@@ -353,7 +358,36 @@ async def run_rate(session: aiohttp.ClientSession, args: argparse.Namespace, rat
             for r in results:
                 if r.end_time is None and r.error is None:
                     r.error = f"not finished {args.timeout:g}s after the last arrival (cancelled)"
-    return summarize(rate, start, arrivals, results, args.output_len, peak)
+    sampler_task.cancel()
+    await asyncio.gather(sampler_task, return_exceptions=True)
+    out = summarize(rate, start, arrivals, results, args.output_len, peak)
+    out["kv_timeline"] = timeline
+    return out
+
+
+_TIMELINE_KEYS = ("num_running", "num_waiting", "num_groups_mapped", "num_groups_free", "num_groups_idle",
+                  "kv_fragmentation")
+
+
+async def sample_stats(session: aiohttp.ClientSession, args: argparse.Namespace, start: float,
+                       timeline: list[dict[str, Any]]) -> None:
+    """Append the server's KV statistics to `timeline` every --stats-interval s until cancelled.
+
+    Stops quietly on a server without /stats (another engine); with several replicas each sample
+    is of the replica that answered.
+    """
+    url = f"{args.url}/stats"
+    while True:
+        try:
+            async with session.get(url) as resp:
+                if resp.status != 200:
+                    return
+                stats = await resp.json()
+        except (aiohttp.ClientError, ValueError):
+            return
+        timeline.append({"t": round(time.perf_counter() - start, 4),
+                         **{k: stats.get(k) for k in _TIMELINE_KEYS}})
+        await asyncio.sleep(args.stats_interval)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -419,6 +453,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--connect-timeout", type=float, default=30.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the report as JSON here")
+    ap.add_argument("--plot", default=None, help="draw the report's figures into this file (matplotlib)")
+    ap.add_argument("--stats-interval", type=float, default=0.5, help="seconds between GET /stats samples")
     args = ap.parse_args(argv)
     if args.num_requests is not None and args.num_requests < 1:
         ap.error("--num-requests must be >= 1")
@@ -446,5 +482,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.out:
         _write(args.out, report)
+    if args.plot:
+        from vattn_ray.bench.plots import plot_serving
+
+        plot_serving(report, args.plot)
     print(render(report))
     return 0

@@ -24,6 +24,8 @@ observers' median; see METHODS and workloads.py).
 Systems run one after another; each one's GPU memory is released before the next starts. Engine
 start and a warm-up `generate` are kept out of every timing. The JSON holds each system's versions,
 the device, the measured copy bandwidth, one record per (system, workload) and the vattn/vllm ratios.
+The vattn records also hold `kv_timeline`: the engine's KV page groups (mapped / free / idle) and
+running / waiting requests sampled every --stats-interval s of the workload; --plot draws them.
 """
 
 from __future__ import annotations
@@ -104,6 +106,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--peer-env", default=None, help="script to source before starting the vLLM peer")
     ap.add_argument("--peer-timeout", type=float, default=None, help="seconds before the vLLM peer is stopped")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--plot", default=None, help="draw the report's figures into this file (matplotlib)")
+    ap.add_argument("--stats-interval", type=float, default=0.05,
+                    help="vattn: seconds between samples of the engine's KV books (kv_timeline)")
     args = ap.parse_args(argv)
     args.system_list = _names(args.systems, SYSTEMS, "--systems")
     args.workload_list = _names(args.workloads, WORKLOADS, "--workloads")
@@ -225,7 +230,8 @@ def ratios(results: list[dict]) -> dict:
 
 # ---- systems --------------------------------------------------------------------------------------
 def run_vattn(name: str, args, jobs: list[Job], dtype: str, emit) -> None:
-    system = VattnSystem(model=args.model, tensor_parallel_size=args.tp, device=args.device, dtype=dtype,
+    system = VattnSystem(stats_interval=args.stats_interval, model=args.model, tensor_parallel_size=args.tp,
+                         device=args.device, dtype=dtype,
                          max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                          max_num_batched_tokens=args.max_num_batched_tokens,
                          gpu_memory_utilization=args.gpu_memory_utilization,
@@ -378,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     report.save()
+    if args.plot:
+        from vattn_ray.bench.plots import plot_throughput
+
+        plot_throughput(data, args.plot)
     print(render(data))
     return 0
 

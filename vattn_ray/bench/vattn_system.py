@@ -125,10 +125,37 @@ def _device_time(event, prefix: str) -> float:
     return getattr(event, f"{prefix}cuda_time_total", 0) if value is None else value
 
 
+class KVTimeline:
+    """Observer: the engine's KV books (page groups mapped / free / idle, running / waiting requests)
+    at most every `interval` seconds of a run: the memory story of demand paging, for plots."""
+
+    KEYS = ("num_running", "num_waiting", "num_groups_mapped", "num_groups_free", "num_groups_idle",
+            "kv_fragmentation")
+
+    def __init__(self, engine, interval: float) -> None:
+        self.engine, self.interval = engine, interval
+        self.samples: list[dict] = []
+        self.t0 = self.next = 0.0
+
+    def start(self) -> None:
+        self.samples = []
+        self.t0 = self.next = time.perf_counter()
+        self.sample(self.t0)
+
+    def sample(self, at: float) -> None:
+        stats = self.engine.stats()  # the scheduler's books: no round trip to the workers
+        self.samples.append({"t": round(at - self.t0, 4), **{k: stats[k] for k in self.KEYS}})
+        self.next = at + self.interval
+
+    def __call__(self, rec: StepRecord) -> None:
+        if rec.done_at >= self.next:
+            self.sample(rec.done_at)
+
+
 class VattnSystem:
     """One engine for all jobs of a run (engine start is timed apart and kept out of the jobs)."""
 
-    def __init__(self, **llm_kwargs) -> None:
+    def __init__(self, stats_interval: float = 0.05, **llm_kwargs) -> None:
         from vattn_ray import LLM
 
         t0 = time.perf_counter()
@@ -137,6 +164,8 @@ class VattnSystem:
         self.engine = self.llm.engine
         self.log = StepLog()
         self.engine.step_observers.append(self.log)
+        self.timeline = KVTimeline(self.engine, stats_interval)
+        self.engine.step_observers.append(self.timeline)
         self.device = torch.device(self.engine.config.device)  # resolved: "cpu" or "cuda"
 
     def run(self, job: Job, profile_steps: int = 0) -> dict:
@@ -160,11 +189,13 @@ class VattnSystem:
             self.engine.step_observers.append(window)
         preempted = self.engine.stats().get("num_preemptions") or 0
         self.log.clear()
+        self.timeline.start()
         try:
             seconds, out_tokens = self._timed(job.prompts, job.max_tokens)
         finally:
             if window is not None:
                 self.engine.step_observers.remove(window)
+        self.timeline.sample(time.perf_counter())
         if job.kind == "warmup":
             return {"seconds": seconds}
         result = {"seconds": seconds, "requests": len(job.prompts),
@@ -172,7 +203,7 @@ class VattnSystem:
                   "steps": len(self.log.records),
                   "num_preemptions": (self.engine.stats().get("num_preemptions") or 0) - preempted,
                   "device_memory_in_use_gib": used_bytes(self.device) / GIB,
-                  **decode_stats(self.log.decode_gaps())}
+                  **decode_stats(self.log.decode_gaps()), "kv_timeline": self.timeline.samples}
         if window is not None:
             result["profile"] = window.result or {"error": "the profiled window was never reached"}
         return result

@@ -47,6 +47,9 @@ class SeqChunk:
     slot's tokens `[0, start + len)`. `sample` is true for a decode step and for the last chunk of
     a prefill. `num_generated` is how many output tokens the request already has (seeded
     sampling draws from (seed, num_generated), so it is reproducible across preemption).
+    `token_mask` (sampling rows of requests with structured output only) is the allowed-token
+    bitmask, little-endian int32 words, token i allowed iff bit i % 32 of word i // 32 is set
+    (xgrammar's layout); the sampler sets every other logit to -inf. Bytes, so it pickles as is.
     """
 
     req_id: str
@@ -55,6 +58,7 @@ class SeqChunk:
     token_ids: tuple[int, ...]
     sample: bool
     num_generated: int = 0
+    token_mask: bytes | None = None
 
     @property
     def end(self) -> int:

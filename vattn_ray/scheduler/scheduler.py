@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from vattn_ray.config import SchedulerConfig
@@ -63,6 +63,8 @@ class SchedulerStats:
     num_steps: int
     num_kv_failures: int
     live_tokens: int = 0  # tokens in the KV cache of running requests
+    groups_mapped_total: int = 0  # page groups the shards were told to map since start-up
+    groups_unmapped_total: int = 0
 
 
 
@@ -92,8 +94,13 @@ class _Step:
 class Scheduler:
     """Continuous-batching head scheduler with vAttention slot and page-group accounting."""
 
-    def __init__(self, config: SchedulerConfig, layout: KVLayout, capacity_groups: int | Sequence[int]) -> None:
-        """`capacity_groups`: page groups each shard's pool holds (an int, or one per shard)."""
+    def __init__(self, config: SchedulerConfig, layout: KVLayout, capacity_groups: int | Sequence[int],
+                 annotate_chunks: Callable[[tuple[SeqChunk, ...]], tuple[SeqChunk, ...]] | None = None) -> None:
+        """`capacity_groups`: page groups each shard's pool holds (an int, or one per shard).
+
+        `annotate_chunks` may add per-row data to a plan's chunks before it is frozen (the engine's
+        structured-output token masks); it must keep their order and everything else unchanged.
+        """
         caps = [capacity_groups] if isinstance(capacity_groups, int) else list(capacity_groups)
         if not caps or any(not isinstance(c, int) or c < 0 for c in caps):
             raise ValueError(f"capacity_groups must be a non-negative int or a non-empty list of them, "
@@ -112,6 +119,7 @@ class Scheduler:
                              f"must be >= max_model_len ({config.max_model_len})")
         self.config = config
         self.layout = layout
+        self._annotate_chunks = annotate_chunks
         self._slots = SlotTable(config.max_num_seqs, min(caps))
         self._capacity = CapacityProbe(min(caps))  # lowered estimates are raised again later
         self._tb = layout.token_bytes
@@ -229,8 +237,11 @@ class Scheduler:
         now.sort(key=lambda op: op.num_groups >= touched[op.slot])
         upper = {s: max(before, slots.mapped[s]) for s, before in touched.items()}
         prefetch = self._plan_prefetch(st, upper)
+        seqs = tuple(chunk for _, chunk in st.seqs)
+        if self._annotate_chunks is not None and seqs:
+            seqs = self._annotate_chunks(seqs)
         plan = StepPlan(step=self._step, kv_now=tuple(now), kv_prefetch=tuple(prefetch),
-                        seqs=tuple(chunk for _, chunk in st.seqs), new_requests=tuple(st.new_requests),
+                        seqs=seqs, new_requests=tuple(st.new_requests),
                         finished=tuple(self._to_release), follows_previous=bool(self._in_flight))
         self._to_release = []
         if plan.seqs or plan.kv_now or plan.kv_prefetch or plan.finished:
@@ -554,7 +565,8 @@ class Scheduler:
         s = self._slots
         return SchedulerStats(len(self._running), len(self._waiting), self._num_preemptions, s.total_mapped,
                               s.free_groups, s.idle_groups, s.capacity, self._step, self._num_kv_failures,
-                              sum(r.num_computed for r in self._running.values()))
+                              sum(r.num_computed for r in self._running.values()),
+                              s.groups_mapped_total, s.groups_unmapped_total)
 
     def check_integrity(self) -> None:
         """Raise AssertionError if queues, slot table and page accounting disagree."""

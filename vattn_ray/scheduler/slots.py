@@ -21,6 +21,9 @@ class SlotTable:
         self.total_mapped = 0
         self.idle_groups = 0  # groups held by unowned slots
         self.num_owned = 0
+        # Page groups every shard was told to map / unmap since start-up (rates for operators).
+        self.groups_mapped_total = 0
+        self.groups_unmapped_total = 0
         # Unowned slots as sorted (mapped groups, slot): best fit and reclaim order in O(log n).
         self._unowned: list[tuple[int, int]] = [(0, s) for s in range(num_slots)]
 
@@ -43,6 +46,10 @@ class SlotTable:
             self.idle_groups += num_groups - old
         self.mapped[slot] = num_groups
         self.total_mapped += num_groups - old
+        if num_groups > old:
+            self.groups_mapped_total += num_groups - old
+        else:
+            self.groups_unmapped_total += old - num_groups
 
     def best_fit(self, need: int) -> int | None:
         """The unowned slot to give a request needing `need` groups now.
