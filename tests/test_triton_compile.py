@@ -3,9 +3,8 @@
 The interpreter tests run the kernels' logic; this runs Triton's real compiler (to PTX, then
 `ptxas` shipped with Triton) on the launch configurations the code picks, in a subprocess with
 the interpreter off. It checks what the bandwidth design relies on: K/V loads are pipelined
-(`cp.async`), the half-precision products use tensor cores (`mma`; Hopper's `wgmma` in the prefill
-kernel), and every default tile fits
-in an SM's shared memory.
+(`cp.async`), the half-precision products use tensor cores (`mma`; Hopper's `wgmma` in the
+prefill kernel), and every default tile fits in an SM's shared memory.
 """
 
 from __future__ import annotations
