@@ -2,7 +2,8 @@
 
 Backends: "sdpa" (CPU reference), "torch" (PyTorch's FlashAttention-2, GPU), "flash_attn" (the
 flash-attn package, GPU, when installed), "triton" (split-KV Triton decode + a causal Triton
-prefill kernel, with FlashAttention-2 for head sizes the latter is not built for; GPU). `resolve_backend` is the one place "auto" is decided; `get_backend` builds one.
+prefill kernel, with FlashAttention-2 for head sizes the latter is not built for; GPU).
+`resolve_backend` is the one place "auto" is decided; `get_backend` builds one.
 """
 
 from __future__ import annotations
