@@ -3,8 +3,8 @@
 The interpreter tests run the kernels' logic; this runs Triton's real compiler (to PTX, then
 `ptxas` shipped with Triton) on the launch configurations the code picks, in a subprocess with
 the interpreter off. It checks what the bandwidth design relies on: K/V loads are pipelined
-(`cp.async`), the half-precision products use tensor cores (`mma`), and every default tile fits
-in an SM's shared memory.
+(`cp.async`), the half-precision products use tensor cores (`mma`; Hopper's `wgmma` in the
+prefill kernel), and every default tile fits in an SM's shared memory.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ def _compile_all() -> list[dict]:
     from triton.compiler import ASTSource
 
     from vattn_ray.attention import triton_decode as td
+    from vattn_ray.attention import triton_prefill as tp
     from vattn_ray.model import fused_kernels as fk
 
     def build(fn, types: dict, consts: dict, arch: int, warps: int, stages: int) -> dict:
@@ -37,8 +38,10 @@ def _compile_all() -> list[dict]:
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
         ptx = k.asm["ptx"]
-        return {"kernel": fn.__name__, "arch": arch, "shared": k.metadata.shared, "cp_async": "cp.async" in ptx,
-                "mma": "mma.sync" in ptx or "wgmma" in ptx, "consts": {c: str(v) for c, v in consts.items()}}
+        return {"kernel": fn.__name__, "arch": arch, "shared": k.metadata.shared,
+                "cp_async": "cp.async" in ptx,  # cp.async, or TMA's cp.async.bulk
+                "mma": "mma.sync" in ptx or "wgmma" in ptx, "wgmma": "wgmma" in ptx,
+                "consts": {c: str(v) for c, v in consts.items()}}
 
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
     out = []
@@ -64,6 +67,17 @@ def _compile_all() -> list[dict]:
         if both:
             merge = dict(HEAD_DIM=dim, BLOCK_N=cfg.block_n, SPLITS_PAD=td.MAX_SPLITS, HAS_ROWS=True)
             out.append(dict(build(td._decode_merge_kernel, types, merge, arch, 4, 1), dtype=t))
+    # The prefill kernel on Hopper at both head sizes, with 64-bit slot strides at D=128.
+    for dim, wide in [(128, True), (64, False)]:
+        types = {"q_ptr": "*bf16", "k_addr": "i64", "v_addr": "i64", "out_ptr": "*bf16", "slots_ptr": "*i64",
+                 "seq_lens_ptr": "*i32", "cu_q_ptr": "*i32", "block_rows_ptr": "*i32", "block_starts_ptr": "*i32",
+                 "scale_log2": "fp32"}
+        if wide:
+            types.update(stride_ks="i64", stride_vs="i64")
+        cfg = tp.default_config(dim, torch.bfloat16)
+        consts = dict(GROUP=4, HEAD_DIM=dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PRECISION="tf32",
+                      KV_DTYPE=triton.language.bfloat16)
+        out.append(dict(build(tp._prefill_kernel, types, consts, 90, cfg.num_warps, cfg.num_stages), dtype="bf16"))
     ptrs = {n: "*bf16" for n in ("x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr", "q_ptr", "k_ptr", "v_ptr",
                                  "cos_ptr", "sin_ptr", "q_out_ptr", "kc_ptr", "vc_ptr")}
     ptrs.update(map_ptr="*i64", eps="fp32", kc_addr="i64", vc_addr="i64")
@@ -90,8 +104,12 @@ def test_kernels_compile_for_sm90_and_sm80(tmp_path):
         assert r["shared"] <= (SMEM_LIMIT if r["arch"] == 90 else SMEM_LIMIT_SM80), f"tile too large: {r}"
         if r["dtype"] != "fp32":
             assert r["mma"], f"no tensor-core product: {r}"
+    prefill = [r for r in records if r["kernel"] == "_prefill_kernel"]
+    assert {r["consts"]["HEAD_DIM"] for r in prefill} == {"64", "128"}
+    for r in prefill:  # K/V tiles pipelined, products on Hopper's warpgroup tensor cores, tiles that fit
+        assert r["cp_async"] and r["wgmma"] and r["shared"] <= SMEM_LIMIT, f"prefill kernel: {r}"
     assert {r["kernel"] for r in records} == {"_decode_split_kernel", "_decode_merge_kernel", "_rms_norm_kernel",
-                                              "_silu_mul_kernel", "_rope_cache_kernel"}
+                                              "_silu_mul_kernel", "_rope_cache_kernel", "_prefill_kernel"}
 
 
 if __name__ == "__main__":

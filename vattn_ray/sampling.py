@@ -96,7 +96,7 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, chunks: Sequence[SeqChunk], params: Sequence[SamplingParams],
                history: TokenHistory | None = None) -> list[SampledToken]:
-        """One `SampledToken` per row of `logits [n, V]` (float32), row i belonging to `chunks[i]`.
+        """One `SampledToken` per row of `logits [n, V]` (any float dtype), row i belonging to `chunks[i]`.
 
         `history`: the worker's token history, needed by requests with penalties or min_tokens.
         Waits for the device; the step loop uses `sample_tokens` + `readout` instead."""
@@ -111,8 +111,9 @@ class Sampler:
         n = logits.shape[0]
         if not (n == len(chunks) == len(params)):
             raise ValueError(f"{n} logit rows for {len(chunks)} chunks and {len(params)} params")
-        # Structured output's token masks after the processors; the caller keeps the raw logits.
-        logits = apply_token_masks(process_logits(logits, chunks, params, history), chunks)
+        if any(not p.greedy or p.processes_logits for p in params) or any(c.token_mask is not None for c in chunks):
+            # Structured output's token masks after the processors; the caller keeps the raw logits.
+            logits = apply_token_masks(process_logits(logits.float(), chunks, params, history), chunks)
         tokens = logits.argmax(dim=-1)  # greedy rows keep this; random rows are overwritten below
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
@@ -133,7 +134,7 @@ class Sampler:
         n_top = [params[i].logprobs for i in want]
         if want:
             rows = to_device(want, torch.int64, logits.device)
-            logprobs = logits[rows].log_softmax(dim=-1)
+            logprobs = logits[rows].float().log_softmax(dim=-1)
             chosen = logprobs.gather(-1, tokens[rows][:, None])[:, 0]
             k = max(n_top)
             top = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], logprobs[:, :0].long())

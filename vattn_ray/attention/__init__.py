@@ -1,8 +1,9 @@
 """Attention backends: one interface, every one reading the virtual KV views unchanged.
 
 Backends: "sdpa" (CPU reference), "torch" (PyTorch's FlashAttention-2, GPU), "flash_attn" (the
-flash-attn package, GPU, when installed), "triton" (split-KV Triton decode + FlashAttention-2 for
-prefill rows, GPU). `resolve_backend` is the one place "auto" is decided; `get_backend` builds one.
+flash-attn package, GPU, when installed), "triton" (split-KV Triton decode + a causal Triton
+prefill kernel, with FlashAttention-2 for head sizes the latter is not built for; GPU).
+`resolve_backend` is the one place "auto" is decided; `get_backend` builds one.
 """
 
 from __future__ import annotations

@@ -1,15 +1,17 @@
-"""Split-KV Triton decode for one-token rows, another backend (FlashAttention-2) for the rest. HOT PATH.
+"""Triton attention: split-KV decode for one-token rows, a causal prefill kernel for the rest. HOT PATH.
 
 A row with one query token attends to its whole context (causal alignment puts it last), which is
 exactly what the decode kernel computes, whether it is a decode step or a one-token prompt. Rows
-with more query tokens go to the prefill backend. `prepare` splits the batch once per step:
+with more query tokens go to the Triton prefill kernel (`triton_prefill.py`) when it is built for
+the shape, else to the fallback backend (FlashAttention-2): `_attend_prefill` is the one place that
+chooses. `prepare` splits the batch once per step:
 
 - all rows one token (every decode step, and every CUDA-graph replay): views of the metadata, no
   host->device traffic, one kernel (two with split-KV) per layer;
-- no row one token: the prefill backend gets the step unchanged;
+- no row one token: the prefill path gets the step unchanged;
 - mixed: the decode rows are found by index and the others get a metadata of their own. The
   scheduler puts decode rows first, so the prefill tokens are usually one contiguous range and
-  their queries are used in place; any other order is gathered.
+  their queries and outputs are used in place; any other order is gathered.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class TritonState:
     decode_lens: torch.Tensor | None  # [Bd] int32 tokens each attends to
     decode_rows: torch.Tensor | None  # [Bd] int64 token row of each in q/out; None: rows 0..Bd-1
     prefill_meta: AttentionMetadata | None  # the other rows as a batch of their own
-    prefill_state: Any
+    prefill_plan: Any  # triton_prefill.PrefillPlan of those rows (the Triton kernel's grid)
+    prefill_state: Any  # the fallback backend's state for them
     prefill_tokens: slice | torch.Tensor | None  # their token rows: a range, or an index
 
 
@@ -44,9 +47,13 @@ class TritonBackend(AttentionBackend):
     name = "triton"
 
     def __init__(self, prefill: AttentionBackend) -> None:
-        from vattn_ray.attention import triton_decode  # imports triton: fails here if it is missing
+        """`prefill`: the backend for multi-token rows whose shape the Triton prefill kernel is not
+        built for (see `_attend_prefill`)."""
+        # imports triton: fails here if it is missing
+        from vattn_ray.attention import triton_decode, triton_prefill
 
         self._kernel = triton_decode
+        self._prefill_kernel = triton_prefill
         self.prefill = prefill
 
     def prepare(self, meta: AttentionMetadata) -> TritonState:
@@ -55,10 +62,16 @@ class TritonBackend(AttentionBackend):
         lens = meta.query_lens
         decode = [b for b, n in enumerate(lens) if n == 1]
         if len(decode) == meta.num_seqs:
-            return TritonState(meta.slots, meta.seq_lens, None, None, None, None)
+            return TritonState(meta.slots, meta.seq_lens, None, None, None, None, None)
         if not decode:
-            return TritonState(None, None, None, meta, self.prefill.prepare(meta), slice(None))
+            return TritonState(None, None, None, meta, *self._prepare_prefill(meta), slice(None))
         return self._split(meta, decode)
+
+    def _prepare_prefill(self, meta: AttentionMetadata) -> tuple[Any, Any]:
+        """Both prefill paths' per-step state: the layer's dtype and head size, which choose the
+        path, are known only in `attend`. Each is small (a block table; nothing for FA2)."""
+        kernel = self._prefill_kernel
+        return kernel.plan_prefill(meta, kernel.BLOCK_M), self.prefill.prepare(meta)
 
     def _split(self, meta: AttentionMetadata, decode: list[int]) -> TritonState:
         """A mixed batch: index the one-token rows, and give the others a metadata of their own."""
@@ -95,22 +108,37 @@ class TritonBackend(AttentionBackend):
             sample_indices=meta.sample_indices[:0])
         if decode == list(range(len(decode))):  # decode rows first (the scheduler's order): views
             n = len(decode)
-            return TritonState(meta.slots[:n], meta.seq_lens[:n], None, sub, self.prefill.prepare(sub), tokens)
+            return TritonState(meta.slots[:n], meta.seq_lens[:n], None, sub, *self._prepare_prefill(sub), tokens)
         return TritonState(meta.slots[dec_idx], meta.seq_lens[dec_idx], dec_rows, sub,
-                           self.prefill.prepare(sub), tokens)
+                           *self._prepare_prefill(sub), tokens)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                meta: AttentionMetadata, state: TritonState, scale: float) -> torch.Tensor:
-        if state.decode_slots is None:  # prefill only
-            return self.prefill.attend(q, k_cache, v_cache, state.prefill_meta, state.prefill_state, scale)
         out = torch.empty_like(q)
-        self._kernel.decode_attention(q, k_cache, v_cache, state.decode_slots, state.decode_lens, scale,
-                                      out, rows=state.decode_rows)
+        if state.decode_slots is not None:
+            self._kernel.decode_attention(q, k_cache, v_cache, state.decode_slots, state.decode_lens, scale,
+                                          out, rows=state.decode_rows)
         if state.prefill_meta is not None:
-            o = self.prefill.attend(q[state.prefill_tokens], k_cache, v_cache, state.prefill_meta,
-                                    state.prefill_state, scale)
-            out[state.prefill_tokens] = o
+            self._attend_prefill(q, k_cache, v_cache, state, scale, out)
         return out
+
+    def _attend_prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        state: TritonState, scale: float, out: torch.Tensor) -> None:
+        """Rows of more than one query token into their rows of `out`. The one place the prefill
+        path is chosen, by shape alone: the Triton kernel wherever `triton_prefill.supports` the
+        head size and dtype (head_dim 64 or 128; fp16, bf16, fp32), the fallback backend elsewhere."""
+        tokens, meta = state.prefill_tokens, state.prefill_meta
+        kernel = self._prefill_kernel
+        if kernel.supports(q.shape[-1], q.dtype):
+            if isinstance(tokens, slice):  # views: the kernel reads and writes the rows in place
+                kernel.prefill_attention(q[tokens], k_cache, v_cache, meta, scale, out[tokens],
+                                         plan=state.prefill_plan)
+            else:
+                q_rows = q[tokens]
+                out[tokens] = kernel.prefill_attention(q_rows, k_cache, v_cache, meta, scale,
+                                                       torch.empty_like(q_rows), plan=state.prefill_plan)
+            return
+        out[tokens] = self.prefill.attend(q[tokens], k_cache, v_cache, meta, state.prefill_state, scale)
 
 
 def _starts(lengths) -> list[int]:

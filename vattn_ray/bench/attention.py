@@ -1,6 +1,7 @@
-"""Decode attention on the virtual KV layout: FlashAttention-2 varlen against the split-KV Triton kernel.
+"""Attention on the virtual KV layout: FlashAttention-2 varlen against the Triton kernels.
 
     python -m vattn_ray.bench attention --out attention.json [--sweep]
+    python -m vattn_ray.bench attention --prefill 1x8192,8x1024,4x512@3072 [--sweep]
 
 For each case `BxC[:G]` (B rows of C context tokens each, G layers per virtual tensor) K and V are
 one layer's strided view of `[B, C + 256, G, 8, 128]` bf16 tensors, as the KV manager lays them
@@ -10,6 +11,11 @@ timed as CUDA-graph replays of back-to-back calls (what the engine's decode grap
 time is the GPU's, not Python's launch overhead. Reported: µs per call, KV bytes read / time, and
 that as a share of the measured copy bandwidth ((read + write) / time of a 4 GiB device copy).
 `--sweep` also times the Triton kernel over tile sizes, warps, pipeline stages and split counts.
+
+`--prefill BxQ[@C][:G]` cases (B rows of Q new tokens after C cached ones, causal; the decode
+cases then run only if `--cases` is given too) time FA2 varlen against the Triton prefill kernel
+on the same layout, in TFLOP/s of the visible (query, key) pairs (`triton_prefill.causal_flops`:
+4 * D * H_q * sum over rows of Q * (C + (Q + 1) / 2)). `--sweep` then times its tiles too.
 """
 
 from __future__ import annotations
@@ -159,10 +165,110 @@ class Case:
         return rows
 
 
+class PrefillCase:
+    """The K/V views and metadata of one `BxQ[@C][:G]` prefill batch (B rows, Q new tokens after C)."""
+
+    def __init__(self, spec: str, default_g: int) -> None:
+        shape, _, g = spec.partition(":")
+        shape, _, ctx = shape.partition("@")
+        self.batch, self.query = (int(x) for x in shape.split("x"))
+        self.context = int(ctx) if ctx else 0
+        self.layers = int(g) if g else default_g
+        dev = torch.device("cuda")
+        tokens = self.context + self.query
+        self.k_full = torch.empty(self.batch, tokens, self.layers, KV_HEADS, DIM, dtype=torch.bfloat16, device=dev)
+        self.v_full = torch.empty_like(self.k_full)
+        self.k_full.normal_()
+        self.v_full.normal_()
+        layer = min(5, self.layers - 1)
+        self.k_cache, self.v_cache = self.k_full[:, :, layer], self.v_full[:, :, layer]  # token stride G*H*D
+        seqs = [SeqChunk(f"r{i}", i, self.context, (1,) * self.query, True) for i in range(self.batch)]
+        self.meta = build_metadata(seqs, tokens, dev)
+        self.q = torch.randn(self.meta.num_tokens, HEADS, DIM, dtype=torch.bfloat16, device=dev)
+        self.scale = DIM ** -0.5
+        from vattn_ray.attention.triton_prefill import causal_flops
+
+        self.flops = causal_flops(self.meta.query_lens, self.meta.context_lens, HEADS, DIM)
+
+    def _fields(self) -> dict:
+        return {"batch": self.batch, "query": self.query, "context": self.context, "G": self.layers}
+
+    def row(self) -> dict:
+        from vattn_ray.attention import triton_prefill as tp
+
+        fa2, tri = get_backend("torch"), get_backend("triton")
+        tri_state = tri.prepare(self.meta)
+        runs = {"fa2": lambda: fa2.attend(self.q, self.k_cache, self.v_cache, self.meta, None, self.scale),
+                "triton": lambda: tri.attend(self.q, self.k_cache, self.v_cache, self.meta, tri_state, self.scale)}
+        out = dict(self._fields(), flops=self.flops)
+        for name, fn in runs.items():
+            us = time_us(fn, calls=5, replays=3)
+            out[f"{name}_us"] = us
+            out[f"{name}_TFLOPs"] = self.flops / us / 1e6
+        out["triton_vs_fa2"] = out["fa2_us"] / out["triton_us"]
+        out["triton_max_abs_diff_vs_fa2"] = (runs["triton"]().float() - runs["fa2"]().float()).abs().max().item()
+        out["triton_config"] = dataclasses.asdict(tp.default_config(DIM, torch.bfloat16))
+        return out
+
+    def sweep(self) -> list[dict]:
+        """The Triton prefill kernel over tile shapes, warps and stages (failures recorded, not fatal)."""
+        from vattn_ray.attention import triton_prefill as tp
+
+        out_t = torch.empty_like(self.q)
+        rows = []
+        for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
+            cfg = tp.PrefillConfig(bm, bn, warps, stages)
+            rec = dict(self._fields(), **dataclasses.asdict(cfg))
+            try:
+                plan = tp.plan_prefill(self.meta, bm)
+                fn = functools.partial(tp.prefill_attention, self.q, self.k_cache, self.v_cache, self.meta,
+                                       self.scale, out_t, plan=plan, config=cfg)
+                us = time_us(fn, calls=3, replays=2)
+                rec.update(us=us, TFLOPs=self.flops / us / 1e6)
+            except Exception as e:  # e.g. a tile that needs more shared memory than the SM has
+                rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                torch.cuda.synchronize()
+            rows.append(rec)
+        return rows
+
+
+def run_prefill(specs: str, default_g: int, sweep: bool) -> tuple[list[dict], list[dict]]:
+    """Rows (and sweep records) of the prefill cases, with their table printed."""
+    rows, sweep_rows = [], []
+    for spec in specs.split(","):
+        case = PrefillCase(spec, default_g)
+        rows.append(case.row())
+        if sweep:
+            sweep_rows.extend(case.sweep())
+        del case
+        torch.cuda.empty_cache()
+    print(f"prefill, causal, H={HEADS}/{KV_HEADS} D={DIM} bf16; TFLOP/s of visible (query, key) pairs")
+    print("| rows x new tokens @ cached (G) | FA2 varlen µs | TFLOP/s | Triton µs | TFLOP/s | Triton / FA2 speed "
+          "| max abs diff |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['batch']} x {r['query']} @ {r['context']} ({r['G']}) | {r['fa2_us']:.0f} | "
+              f"{r['fa2_TFLOPs']:.0f} | {r['triton_us']:.0f} | {r['triton_TFLOPs']:.0f} | "
+              f"{r['triton_vs_fa2']:.2f}x | {r['triton_max_abs_diff_vs_fa2']:.1e} |")
+    if sweep_rows:
+        print("best Triton prefill configuration per case (from --sweep):")
+        key = lambda r: (r["batch"], r["query"], r["context"], r["G"])  # noqa: E731
+        for k, group in itertools.groupby(sweep_rows, key=key):
+            ok = [r for r in group if "TFLOPs" in r]
+            if ok:
+                best = max(ok, key=lambda r: r["TFLOPs"])
+                print(f"  {k[0]} x {k[1]} @ {k[2]} (G={k[3]}): {best['TFLOPs']:.0f} TFLOP/s with "
+                      f"block_m={best['block_m']} block_n={best['block_n']} num_warps={best['num_warps']} "
+                      f"num_stages={best['num_stages']}")
+    return rows, sweep_rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vattn_ray.bench attention", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated BxC[:G] (default %(default)s)")
+    ap.add_argument("--cases", default=None,
+                    help=f"comma-separated decode cases BxC[:G] (default {DEFAULT_CASES}, unless --prefill)")
+    ap.add_argument("--prefill", default=None, help="comma-separated prefill cases BxQ[@C][:G], e.g. 1x8192,8x1024")
     ap.add_argument("--layers-per-tensor", type=int, default=32, help="G of cases that do not name one")
     ap.add_argument("--sweep", action="store_true", help="also time Triton launch configurations")
     ap.add_argument("--out", default=None)
@@ -170,19 +276,23 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import triton
 
+    cases = args.cases if args.cases is not None else (None if args.prefill else DEFAULT_CASES)
+    prefill_rows, prefill_sweep = (run_prefill(args.prefill, args.layers_per_tensor, args.sweep)
+                                   if args.prefill else ([], []))
     copy_tbps = copy_bandwidth()
     print(f"copy bandwidth: {copy_tbps:.2f} TB/s ((read + write) / time, 4 GiB)")
     rows, sweep = [], []
-    for spec in args.cases.split(","):
+    for spec in cases.split(",") if cases else []:
         case = Case(spec, args.layers_per_tensor)
         rows.append(case.row(copy_tbps))
         if args.sweep:
             sweep.extend(case.sweep())
         del case
         torch.cuda.empty_cache()
-    print("| batch x context (G) | FA2 varlen µs | TB/s | FA2 packed-GQA TB/s | Triton split-KV µs | TB/s "
-          "| of copy | splits | max abs diff Triton vs FA2 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    if rows:
+        print("| batch x context (G) | FA2 varlen µs | TB/s | FA2 packed-GQA TB/s | Triton split-KV µs | TB/s "
+              "| of copy | splits | max abs diff Triton vs FA2 |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['batch']} x {r['context']} ({r['G']}) | {r['fa2_us']:.1f} | {r['fa2_TBps']:.2f} | "
               f"{r['fa2_packed_TBps']:.2f} | {r['triton_us']:.1f} | {r['triton_TBps']:.2f} | "
@@ -202,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                   "versions": dict(versions(), triton=triton.__version__),
                   "device": device_info(torch.device("cuda", torch.cuda.current_device())),
                   "copy_TBps": copy_tbps, "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": DIM,
-                                                    "dtype": "bfloat16"}, "rows": rows, "sweep": sweep}
+                                                    "dtype": "bfloat16"}, "rows": rows, "sweep": sweep,
+                  "prefill_rows": prefill_rows, "prefill_sweep": prefill_sweep}
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
     return 0

@@ -134,10 +134,12 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Logits for this rank's vocabulary range, all-gathered into the full vocabulary (float32)."""
+    """Logits for this rank's vocabulary range, all-gathered into the full vocabulary."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        local = F.linear(hidden, self.weight).float()
+        # In the weights' dtype: a greedy pick needs no float32 copy of [n, vocab] (bf16 -> float32
+        # is exact, so the argmax is the same); the sampler converts rows that need more.
+        local = F.linear(hidden, self.weight)
         if self.world_size == 1:
             return local[:, :self.vocab_size]
         shards = [torch.empty_like(local) for _ in range(self.world_size)]

@@ -158,5 +158,5 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits `[n, vocab_size]`, the full vocabulary on every rank."""
+        """Logits `[n, vocab_size]` in the weights' dtype, the full vocabulary on every rank."""
         return self.lm_head.logits(hidden)
