@@ -4,14 +4,14 @@ Head side (`StructuredOutputs`, one per engine): each request's constraint is co
 distinct spec (cached), each sequence gets its own matcher, and when the scheduler builds a plan
 `annotate` puts the allowed-token bitmask on every sampling row of such a sequence
 (`SeqChunk.token_mask`). After the step, `accept` advances the matcher with the sampled token.
-Worker side: the sampler calls `apply_token_masks` on the logits (rank 0 samples, so rank 0 is the
-one that applies it; the mask travels to every rank in the plan, like every other field). The
-logits of a CUDA-graph decode step are computed after the graph, so masking needs no capture.
+Worker side: the sampler applies `apply_token_masks` to the logits after the logits processors
+(the mask travels to every rank in the plan and every rank samples, so the ranks stay identical).
+The logits of a CUDA-graph decode step leave the graph before sampling, so masking needs no capture.
 
 The engine-side requirement: the mask of a sequence's next row exists only once its previous token
-was accepted by the matcher. An engine that plans step t+1 while step t runs must therefore run a
-synchronous step whenever `needs_sync()` is true (any live sequence has a constraint); `annotate`
-refuses a stale mask rather than send a wrong one.
+was accepted by the matcher. So while `needs_sync()` is true (a live sequence has a constraint),
+`LLMEngine.step` plans no step ahead of the one in flight; `annotate` refuses a stale mask rather
+than send a wrong one.
 
 xgrammar is an optional dependency (``pip install vattn-ray[structured]``); it is imported when the
 first constrained request arrives, and its absence is a clear error for that request only.
@@ -193,19 +193,26 @@ def apply_token_masks(logits: torch.Tensor, chunks: Sequence[SeqChunk]) -> torch
     """`logits [n, V]` with every disallowed token of a masked row at -inf (a copy when any row is
     masked, so the caller keeps the raw logits for log-probabilities; else `logits` itself).
 
-    HOT PATH (rank 0, every step): one host-to-device copy of the packed words, unpacked there.
+    HOT PATH (every rank, every step): one host-to-device copy of the packed words, unpacked there;
+    copies go through pinned memory so the host never waits for the device here.
     """
     rows = [i for i, c in enumerate(chunks) if c.token_mask is not None]
     if not rows:
         return logits
     packed = bytearray(b"".join(chunks[i].token_mask for i in rows))
-    words = torch.frombuffer(packed, dtype=torch.int32).view(len(rows), -1).to(logits.device, non_blocking=True)
+    words = _to_device(torch.frombuffer(packed, dtype=torch.int32).view(len(rows), -1), logits.device)
     shifts = torch.arange(_BITS, dtype=torch.int32, device=logits.device)
     allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1).bool()
     vocab = logits.shape[-1]
     if allowed.shape[1] < vocab:  # logits wider than the tokenizer's vocabulary: the rest is never allowed
         allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-    index = torch.tensor(rows, device=logits.device)
+    index = _to_device(torch.tensor(rows), logits.device)
     masked = logits.clone()
     masked[index] = logits[index].masked_fill(~allowed[:, :vocab], float("-inf"))
     return masked
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
