@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 @contextlib.contextmanager
 def serve_run(config: dict, tmp: Path, env: dict[str, str] | None = None):
     """Serve `config` (its HTTP port replaced by a free one) on a fresh local Ray cluster; yields
-    the base URL. `env` adds to the environment of `serve run` and every process it starts."""
+    (base URL, the `serve run` process). `env` adds to the environment of `serve run` and every
+    process it starts."""
     config = {**config, "http_options": {**config.get("http_options", {}), "port": _free_port()}}
     config_path = tmp / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -35,7 +36,7 @@ def serve_run(config: dict, tmp: Path, env: dict[str, str] | None = None):
     base = f"http://127.0.0.1:{config['http_options']['port']}"
     try:
         _wait_healthy(base, proc, log_path)
-        yield base
+        yield base, proc
     finally:
         leftover = _stop(proc)
         logger.info("serve run log tail:\n%s", log_path.read_text()[-3000:])

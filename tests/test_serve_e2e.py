@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import logging
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +22,6 @@ import openai
 import pytest
 import yaml
 
-logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "deploy" / "config.yaml"
 MODEL = "tiny-llama"
@@ -80,31 +76,11 @@ def _stop(proc: subprocess.Popen) -> list[str]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    config = yaml.safe_load(CONFIG.read_text())
-    port = _free_port()
-    config["http_options"]["port"] = port
-    config_path = tmp / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    log_path = tmp / "serve.log"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    serve_cli = Path(sys.executable).with_name("serve")
-    with open(log_path, "w") as log:
-        # --address local: a fresh Ray cluster owned by this process, stopped when it exits.
-        # Its own session, so that every process it starts (Ray's daemons too) can be found.
-        proc = subprocess.Popen([str(serve_cli), "run", "--address", "local", str(config_path)], cwd=ROOT,
-                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(base, proc, log_path)
-        yield base, proc
-    finally:
-        leftover = _stop(proc)
-        logger.info("serve run log tail:\n%s", log_path.read_text()[-3000:])
-        if leftover:
-            os.killpg(proc.pid, signal.SIGKILL)  # only the session we started
-            raise AssertionError(f"processes left after shutdown (killed): {leftover}")
+    """`serve run deploy/config.yaml` as shipped: (base URL, the `serve run` process)."""
+    from serve_run import serve_run  # it imports this module's helpers
+
+    with serve_run(yaml.safe_load(CONFIG.read_text()), tmp_path_factory.mktemp("serve")) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ def served(tmp_path_factory):
     ray_tmp = tempfile.mkdtemp(prefix="vr-", dir="/tmp")
     try:
         with serve_run(yaml.safe_load(CONFIG.read_text()), tmp_path_factory.mktemp("serve"),
-                       {"RAY_TMPDIR": ray_tmp}) as base:
+                       {"RAY_TMPDIR": ray_tmp}) as (base, _):
             yield base, ray_tmp
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)

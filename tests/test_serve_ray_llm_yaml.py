@@ -49,7 +49,7 @@ def served(tmp_path_factory):
     (repo_dir / "refs").mkdir()
     (repo_dir / "refs" / "main").write_text(revision)
     env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
-    with serve_run(yaml.safe_load(RAY_SERVE_LLM_YAML), tmp_path_factory.mktemp("serve"), env) as base:
+    with serve_run(yaml.safe_load(RAY_SERVE_LLM_YAML), tmp_path_factory.mktemp("serve"), env) as (base, _):
         yield base
 
 
