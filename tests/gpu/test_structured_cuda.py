@@ -1,6 +1,6 @@
 """GPU: structured output with CUDA-graph decode (1 GPU) and with TP=2 over NCCL (2 GPUs).
 
-The masks are built on the head, travel in the plan and are applied by rank 0's sampler to the
+The masks are built on the head, travel in the plan and are applied by every rank's sampler to the
 logits that the captured decode graph produced. Every output must parse and validate. The cost of
 constrained decoding is reported (tokens/s with and without a schema, same prompts) to
 $VATTN_RESULTS_DIR/structured_cuda.json when that variable is set.
