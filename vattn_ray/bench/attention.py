@@ -92,6 +92,20 @@ def copy_bandwidth() -> float:
     return measure_copy_bandwidth(torch.device("cuda")) / 1e12
 
 
+def sweep_point(rec: dict, make: Callable[[], Callable[[], object]], calls: int, replays: int,
+                rate: str, work: float) -> dict:
+    """`rec` with the µs per call of `make()`'s function and `rate` = work / time (`work` per µs
+    scaled to tera-units), or the error of a configuration that cannot run (e.g. a tile that needs
+    more shared memory than the SM has): a sweep records failures instead of stopping."""
+    try:
+        us = time_us(make(), calls=calls, replays=replays)
+        rec.update({"us": us, rate: work / us / 1e6})
+    except Exception as e:  # noqa: BLE001 - recorded in the sweep's output
+        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        torch.cuda.synchronize()
+    return rec
+
+
 class Case:
     """The K/V views and metadata of one `BxC[:G]` decode batch (all rows at context C)."""
 
@@ -155,13 +169,7 @@ class Case:
                                    config=td.DecodeConfig(bn, warps, stages))
             rec = {"batch": self.batch, "context": self.context, "G": self.layers, "block_n": bn,
                    "num_warps": warps, "num_stages": stages, "num_splits": s}
-            try:
-                us = time_us(fn, calls=10, replays=3)
-                rec.update(us=us, TBps=self.kv_bytes / us / 1e6)
-            except Exception as e:  # e.g. a tile that needs more shared memory than the SM has
-                rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                torch.cuda.synchronize()
-            rows.append(rec)
+            rows.append(sweep_point(rec, lambda: fn, 10, 3, "TBps", self.kv_bytes))
         return rows
 
 
@@ -219,16 +227,11 @@ class PrefillCase:
         for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
             cfg = tp.PrefillConfig(bm, bn, warps, stages)
             rec = dict(self._fields(), **dataclasses.asdict(cfg))
-            try:
-                plan = tp.plan_prefill(self.meta, bm)
-                fn = functools.partial(tp.prefill_attention, self.q, self.k_cache, self.v_cache, self.meta,
-                                       self.scale, out_t, plan=plan, config=cfg)
-                us = time_us(fn, calls=3, replays=2)
-                rec.update(us=us, TFLOPs=self.flops / us / 1e6)
-            except Exception as e:  # e.g. a tile that needs more shared memory than the SM has
-                rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                torch.cuda.synchronize()
-            rows.append(rec)
+
+            def launch(bm=bm, cfg=cfg):
+                return functools.partial(tp.prefill_attention, self.q, self.k_cache, self.v_cache, self.meta,
+                                         self.scale, out_t, plan=tp.plan_prefill(self.meta, bm), config=cfg)
+            rows.append(sweep_point(rec, launch, 3, 2, "TFLOPs", self.flops))
         return rows
 
 
