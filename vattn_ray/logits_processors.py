@@ -34,6 +34,7 @@ import torch
 
 from vattn_ray.sampling_params import SamplingParams
 from vattn_ray.scheduler.plan import SeqChunk
+from vattn_ray.transfer import to_device
 
 _MIN_TEMPERATURE = 1e-5  # the sampler's floor for a random row's temperature
 
@@ -80,7 +81,7 @@ class TokenHistory:
                         cols.append(c.start + i)
                         vals.append(t)
         if rows:
-            self._write(rows, cols, _on(vals, torch.int64, self.device))
+            self._write(rows, cols, to_device(vals, torch.int64, self.device))
 
     def record_sampled(self, chunks: Sequence[SeqChunk], tokens: torch.Tensor | Sequence[int]) -> None:
         """This step's sampled tokens (row i belongs to `chunks[i]`; a device tensor or ids)."""
@@ -90,12 +91,12 @@ class TokenHistory:
         if not picked:
             return
         tokens = torch.as_tensor(tokens, dtype=torch.int64)
-        index = _on(picked, torch.int64, tokens.device)
+        index = to_device(picked, torch.int64, tokens.device)
         self._write([chunks[i].slot for i in picked], [chunks[i].end for i in picked],
                     tokens.index_select(0, index))
 
     def _write(self, rows: list[int], cols: list[int], values: torch.Tensor) -> None:
-        index = (_on(rows, torch.int64, self.device), _on(cols, torch.int64, self.device))
+        index = (to_device(rows, torch.int64, self.device), to_device(cols, torch.int64, self.device))
         self.tokens.index_put_(index, values.to(self.device))
 
     def counts(self, chunks: Sequence[SeqChunk], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,9 +104,9 @@ class TokenHistory:
         occurs in the prompt or the output `[n, V]` bool) for sampling chunks of tracked requests."""
         ends = [c.end for c in chunks]
         width = max(ends)
-        slots = _on([c.slot for c in chunks], torch.int64, self.device)
-        end = _on(ends, torch.int64, self.device)[:, None]
-        gen = _on([c.num_generated for c in chunks], torch.int64, self.device)[:, None]
+        slots = to_device([c.slot for c in chunks], torch.int64, self.device)
+        end = to_device(ends, torch.int64, self.device)[:, None]
+        gen = to_device([c.num_generated for c in chunks], torch.int64, self.device)[:, None]
         tokens = self.tokens.index_select(0, slots)[:, :width]
         pos = torch.arange(width, device=self.device)[None]
         valid = pos < end
@@ -138,10 +139,10 @@ def process_logits(logits: torch.Tensor, chunks: Sequence[SeqChunk], params: Seq
         _penalties(out, hist_rows, chunks, params, history, vocab)
     min_p_rows = [i for i in rows if params[i].min_p > 0 and not params[i].greedy]
     if min_p_rows:
-        index = _on(min_p_rows, torch.int64, device)
+        index = to_device(min_p_rows, torch.int64, device)
         sub = out.index_select(0, index)
         # log(min_p) * T: the logit gap below the top token that min_p allows.
-        gap = _on([math.log(params[i].min_p) * max(float(params[i].temperature), _MIN_TEMPERATURE)
+        gap = to_device([math.log(params[i].min_p) * max(float(params[i].temperature), _MIN_TEMPERATURE)
                    for i in min_p_rows], torch.float32, device)[:, None]
         sub = sub.masked_fill(sub < sub.max(dim=-1, keepdim=True).values + gap, float("-inf"))
         out.index_copy_(0, index, sub)
@@ -158,8 +159,8 @@ def _bias_and_min_tokens(out: torch.Tensor, rows: list[int], chunks: Sequence[Se
                 c.append(token)
                 v.append(bias)
     if r:
-        out.index_put_((_on(r, torch.int64, out.device), _on(c, torch.int64, out.device)),
-                       _on(v, torch.float32, out.device), accumulate=True)
+        out.index_put_((to_device(r, torch.int64, out.device), to_device(c, torch.int64, out.device)),
+                       to_device(v, torch.float32, out.device), accumulate=True)
     r, c = [], []
     for i in rows:
         if chunks[i].num_generated < params[i].min_tokens:
@@ -170,26 +171,20 @@ def _bias_and_min_tokens(out: torch.Tensor, rows: list[int], chunks: Sequence[Se
                     r.append(i)
                     c.append(token)
     if r:
-        out.index_put_((_on(r, torch.int64, out.device), _on(c, torch.int64, out.device)),
+        out.index_put_((to_device(r, torch.int64, out.device), to_device(c, torch.int64, out.device)),
                        torch.tensor(float("-inf"), device=out.device))
 
 
 def _penalties(out: torch.Tensor, rows: list[int], chunks: Sequence[SeqChunk],
                params: Sequence[SamplingParams], history: TokenHistory, vocab: int) -> None:
     device = out.device
-    index = _on(rows, torch.int64, device)
+    index = to_device(rows, torch.int64, device)
     counts, seen = history.counts([chunks[i] for i in rows], vocab)
     sub = out.index_select(0, index)
-    rep = _on([params[i].repetition_penalty for i in rows], torch.float32, device)[:, None]
+    rep = to_device([params[i].repetition_penalty for i in rows], torch.float32, device)[:, None]
     penalised = torch.where(sub > 0, sub / rep, sub * rep)
     sub = torch.where(seen, penalised, sub)
-    freq = _on([params[i].frequency_penalty for i in rows], torch.float32, device)[:, None]
-    pres = _on([params[i].presence_penalty for i in rows], torch.float32, device)[:, None]
+    freq = to_device([params[i].frequency_penalty for i in rows], torch.float32, device)[:, None]
+    pres = to_device([params[i].presence_penalty for i in rows], torch.float32, device)[:, None]
     sub = sub - freq * counts - pres * (counts > 0).float()
     out.index_copy_(0, index, sub)
-
-
-def _on(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list on `device` without blocking the host."""
-    host = torch.tensor(values, dtype=dtype)
-    return host if device.type != "cuda" else host.pin_memory().to(device, non_blocking=True)

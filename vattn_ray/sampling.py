@@ -23,6 +23,7 @@ import torch
 from vattn_ray.logits_processors import TokenHistory, process_logits
 from vattn_ray.sampling_params import SamplingParams
 from vattn_ray.scheduler.plan import SampledToken, SeqChunk
+from vattn_ray.transfer import to_device
 from vattn_ray.structured import apply_token_masks
 
 _MASK64 = (1 << 64) - 1
@@ -35,14 +36,6 @@ def _mix(seed: int, counter: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (z ^ (z >> 31)) >> 1
-
-
-def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list on `device` without blocking the host (pinned, non-blocking copy)."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 class SampleReadout:

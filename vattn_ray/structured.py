@@ -29,6 +29,7 @@ import torch
 
 from vattn_ray.sampling_params import StructuredOutputsParams
 from vattn_ray.scheduler.plan import SeqChunk
+from vattn_ray.transfer import host_to_device
 
 logger = logging.getLogger(__name__)
 
@@ -200,19 +201,13 @@ def apply_token_masks(logits: torch.Tensor, chunks: Sequence[SeqChunk]) -> torch
     if not rows:
         return logits
     packed = bytearray(b"".join(chunks[i].token_mask for i in rows))
-    words = _to_device(torch.frombuffer(packed, dtype=torch.int32).view(len(rows), -1), logits.device)
+    words = host_to_device(torch.frombuffer(packed, dtype=torch.int32).view(len(rows), -1), logits.device)
     shifts = torch.arange(_BITS, dtype=torch.int32, device=logits.device)
     allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1).bool()
     vocab = logits.shape[-1]
     if allowed.shape[1] < vocab:  # logits wider than the tokenizer's vocabulary: the rest is never allowed
         allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-    index = _to_device(torch.tensor(rows), logits.device)
+    index = host_to_device(torch.tensor(rows), logits.device)
     masked = logits.clone()
     masked[index] = logits[index].masked_fill(~allowed[:, :vocab], float("-inf"))
     return masked
-
-
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)

@@ -25,6 +25,7 @@ from vattn_ray.config import EngineConfig
 from vattn_ray.layout import KVLayout
 from vattn_ray.sampling_params import SamplingParams
 from vattn_ray.scheduler.plan import PREVIOUS_SAMPLE, KVFailure, KVOp, StepOutput, StepPlan
+from vattn_ray.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -234,8 +235,6 @@ class Worker:
             if meta.sample_indices.numel() == 0:
                 return None
             logits = self.model.compute_logits(hidden.index_select(0, meta.sample_indices))
-        from vattn_ray.sampling import to_device
-
         chunks = [s for s in plan.seqs if s.sample]
         params = [self.requests[c.req_id] for c in chunks]
         # Every rank samples (same logits, same generators, same histories), so each has the tokens

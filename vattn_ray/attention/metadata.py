@@ -11,6 +11,8 @@ from typing import Protocol, Sequence
 
 import torch
 
+from vattn_ray.transfer import host_to_device
+
 
 class ChunkLike(Protocol):
     """What metadata needs of a `SeqChunk`: where its new tokens go in which slot."""
@@ -79,11 +81,7 @@ def build_metadata(seqs: Sequence[ChunkLike], max_tokens_per_slot: int,
     b, t = len(seqs), cu_q[-1]
     host = torch.tensor(ids + positions + mapping + slots + seq_lens + cu_q + cu_k + sample_rows,
                         dtype=torch.int64)
-    device = torch.device(device)
-    if device.type == "cuda":
-        packed = host.pin_memory().to(device, non_blocking=True)
-    else:
-        packed = host
+    packed = host_to_device(host, device)
     parts = packed.split([t, t, t, b, b, b + 1, b + 1, len(sample_rows)])
     query_lens = tuple(cu_q[i + 1] - cu_q[i] for i in range(b))
     return AttentionMetadata(

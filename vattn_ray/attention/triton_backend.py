@@ -25,6 +25,7 @@ import torch
 
 from vattn_ray.attention.base import AttentionBackend
 from vattn_ray.attention.metadata import AttentionMetadata
+from vattn_ray.transfer import host_to_device
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,7 @@ class TritonBackend(AttentionBackend):
         # One host->device copy carries every index of the split.
         host = torch.tensor(decode + [starts[b] for b in decode] + rest + cu_q
                             + ([] if contiguous else rest_tokens), dtype=torch.int64)
-        if device.type == "cuda":
-            host = host.pin_memory()
-        parts = host.to(device, non_blocking=True).split(
+        parts = host_to_device(host, device).split(
             [len(decode), len(decode), len(rest), len(rest) + 1] + ([] if contiguous else [len(rest_tokens)]))
         dec_idx, dec_rows, rest_idx, rest_cu_q = parts[:4]
         tokens: slice | torch.Tensor = (slice(rest_tokens[0], rest_tokens[-1] + 1) if contiguous else parts[4])

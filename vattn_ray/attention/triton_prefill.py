@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from vattn_ray.attention.metadata import AttentionMetadata
+from vattn_ray.transfer import host_to_device
 from vattn_ray.triton_util import address, as_pointer, tl_dtype
 
 HEAD_DIMS = (64, 128)
@@ -89,9 +90,7 @@ def plan_prefill(meta: AttentionMetadata, block_m: int) -> PrefillPlan:
     blocks.sort(key=lambda x: -x[0])
     host = torch.tensor([[b for _, b, _ in blocks], [m for _, _, m in blocks]], dtype=torch.int32)
     device = meta.seq_lens.device
-    if device.type == "cuda":
-        host = host.pin_memory()
-    table = host.to(device, non_blocking=True)
+    table = host_to_device(host, device)
     return PrefillPlan(block_m, table[0], table[1])
 
 
