@@ -92,6 +92,17 @@ def copy_bandwidth() -> float:
     return measure_copy_bandwidth(torch.device("cuda")) / 1e12
 
 
+def kv_views(batch: int, tokens: int, layers: int) -> tuple[torch.Tensor, ...]:
+    """Random bf16 K/V tensors `[batch, tokens, G, H_kv, D]` as the KV manager lays them out, and
+    one layer's strided views of them (token stride G*H*D): (k_full, v_full, k_cache, v_cache)."""
+    k_full = torch.empty(batch, tokens, layers, KV_HEADS, DIM, dtype=torch.bfloat16, device="cuda")
+    v_full = torch.empty_like(k_full)
+    k_full.normal_()
+    v_full.normal_()
+    layer = min(5, layers - 1)
+    return k_full, v_full, k_full[:, :, layer], v_full[:, :, layer]
+
+
 def sweep_point(rec: dict, make: Callable[[], Callable[[], object]], calls: int, replays: int,
                 rate: str, work: float) -> dict:
     """`rec` with the µs per call of `make()`'s function and `rate` = work / time (`work` per µs
@@ -115,12 +126,7 @@ class Case:
         self.layers = int(g) if g else default_g
         dev = torch.device("cuda")
         tokens = self.context + 256
-        self.k_full = torch.empty(self.batch, tokens, self.layers, KV_HEADS, DIM, dtype=torch.bfloat16, device=dev)
-        self.v_full = torch.empty_like(self.k_full)
-        self.k_full.normal_()
-        self.v_full.normal_()
-        layer = min(5, self.layers - 1)
-        self.k_cache, self.v_cache = self.k_full[:, :, layer], self.v_full[:, :, layer]  # token stride G*H*D
+        self.k_full, self.v_full, self.k_cache, self.v_cache = kv_views(self.batch, tokens, self.layers)
         # each row's one new token is the last of its context: it attends to all C tokens
         seqs = [SeqChunk(f"r{i}", i, self.context - 1, (1,), True) for i in range(self.batch)]
         self.meta = build_metadata(seqs, tokens, dev)
@@ -184,12 +190,7 @@ class PrefillCase:
         self.layers = int(g) if g else default_g
         dev = torch.device("cuda")
         tokens = self.context + self.query
-        self.k_full = torch.empty(self.batch, tokens, self.layers, KV_HEADS, DIM, dtype=torch.bfloat16, device=dev)
-        self.v_full = torch.empty_like(self.k_full)
-        self.k_full.normal_()
-        self.v_full.normal_()
-        layer = min(5, self.layers - 1)
-        self.k_cache, self.v_cache = self.k_full[:, :, layer], self.v_full[:, :, layer]  # token stride G*H*D
+        self.k_full, self.v_full, self.k_cache, self.v_cache = kv_views(self.batch, tokens, self.layers)
         seqs = [SeqChunk(f"r{i}", i, self.context, (1,) * self.query, True) for i in range(self.batch)]
         self.meta = build_metadata(seqs, tokens, dev)
         self.q = torch.randn(self.meta.num_tokens, HEADS, DIM, dtype=torch.bfloat16, device=dev)
