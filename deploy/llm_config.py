@@ -34,7 +34,7 @@ logger = logging.getLogger("ray.serve")
 ENGINE_ARGS = ("tensor_parallel_size", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                "gpu_memory_utilization", "kv_cache_memory_bytes", "seed", "tokenizer", "device")
 # vLLM engine arguments that are fields of vattn_ray.config.EngineArgs (passed as engine_kwargs).
-ENGINE_KWARGS = ("enforce_eager", "enable_chunked_prefill", "generation_config")
+ENGINE_KWARGS = ("enforce_eager", "enable_chunked_prefill", "generation_config", "disable_custom_all_reduce")
 # vLLM engine arguments accepted with no effect here: value -> why (None: any value).
 IGNORED_ENGINE_KWARGS: dict[str, tuple[Any, str]] = {
     "trust_remote_code": (None, "only the built-in Llama-family model code runs; no remote code is loaded"),

@@ -171,6 +171,102 @@ def test_shards_that_disagree_on_layout_or_model_fail_start():
 LONG = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 
 
+# Run inside the rank's process through `run_on_workers` (pickled by value: tests/ is not on the
+# workers' path). They wrap the worker's own methods; the engine under test is unchanged.
+def _count_batches(worker) -> None:
+    """Count the batches this rank runs."""
+    worker.batches_run, run_batch = 0, worker._run_batch
+
+    def counted(plan):
+        worker.batches_run += 1
+        return run_batch(plan)
+
+    worker._run_batch = counted
+
+
+def _refuse_grows(worker, n: int) -> None:
+    """Refuse this rank's next `n` page-group grows, as an exhausted pool would."""
+    from vattn_ray.scheduler.plan import KVFailure
+
+    grow, left = worker.kv._grow, [n]
+
+    def refused(op, have):
+        if left[0] > 0:
+            left[0] -= 1
+            return KVFailure(worker.rank, op.slot, op.num_groups, "refused by the test")
+        return grow(op, have)
+
+    worker.kv._grow = refused
+
+
+def _batches_run(worker) -> int:
+    return worker.batches_run
+
+
+def _raise_after(worker, batches: int) -> None:
+    """This rank raises in its forward after `batches` more batches (peers wait in a collective)."""
+    left, run_batch = [batches], worker._run_batch
+
+    def run(plan):
+        left[0] -= 1
+        if left[0] < 0:
+            raise RuntimeError("injected fault in the forward")
+        return run_batch(plan)
+
+    worker._run_batch = run
+
+
+@pytest.fixture()
+def by_value():
+    import sys
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def test_a_kv_failure_on_one_shard_makes_every_shard_skip_the_step(ckpts, by_value):
+    """Rank 1 cannot map pages for a few steps: both ranks skip those steps together (neither
+    waits in a collective for the other), the head re-plans, and the tokens do not change."""
+    path = ckpts["llama"]
+    prompts = _prompts([40, 50, 60], seed=6)
+    with LLM(model=path, tensor_parallel_size=2, enable_prefetch=False, **ENGINE) as llm:
+        ex = llm.engine.executor
+        ex.run_on_workers(_count_batches)
+        ex.run_on_workers(_inject_on_rank, 1, _refuse_grows, 3)
+        ours = _greedy(llm, prompts)
+        batches = ex.run_on_workers(_batches_run)
+        stats = llm.engine.stats()
+        llm.engine.check_integrity()  # every shard's page tables equal the scheduler's books
+        # (Cumulative map/unmap counts differ: rank 0 mapped what rank 1 refused, then undid it.)
+        now = [(s.groups_mapped, s.groups_free) for s in ex.run_on_workers(Worker.kv_stats, None)]
+        assert now[0] == now[1], f"shards diverged: {now}"
+    assert stats["num_kv_failures"] >= 3, stats
+    assert batches[0] == batches[1], f"the shards ran different steps: {batches}"
+    assert ours == _tp1_greedy(path, prompts)
+
+
+def _inject_on_rank(worker, rank: int, fn, *args) -> None:
+    if worker.rank == rank:
+        fn(worker, *args)
+
+
+def test_a_rank_that_raises_mid_step_is_named_promptly(ckpts, by_value):
+    llm = LLM(model=ckpts["llama"], tensor_parallel_size=2, **ENGINE)
+    pids = list(llm.engine.executor.pids)
+    try:
+        llm.engine.executor.run_on_workers(_inject_on_rank, 1, _raise_after, 4)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerFailed, match=rf"rank 1 \(pid {pids[1]}\) raised: .*injected fault"):
+            llm.generate(_prompts([30, 30], seed=7), LONG)
+        assert time.monotonic() - t0 < 30
+        with pytest.raises(WorkerFailed, match="unusable"):
+            llm.generate(_prompts([5], seed=5), LONG)
+    finally:
+        llm.shutdown()
+    assert _wait_for(_cluster_idle), f"group not released: {ray.available_resources()}"
+
+
 def test_rank1_killed_mid_generate_raises_worker_failed_promptly(ckpts):
     llm = LLM(model=ckpts["llama"], tensor_parallel_size=2, **ENGINE)
     pids = list(llm.engine.executor.pids)

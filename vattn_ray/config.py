@@ -54,6 +54,8 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     placement_strategy: str = "STRICT_PACK"
     accelerator_type: str | None = None
+    # False: every all-reduce through NCCL, no peer-to-peer kernel (vLLM's flag of the same name).
+    disable_custom_all_reduce: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class EngineArgs:
     attention_backend: str = "auto"
     placement_strategy: str = "STRICT_PACK"
     accelerator_type: str | None = None
+    disable_custom_all_reduce: bool = False  # True: NCCL for every all-reduce (see model/comm.py)
     seed: int = 0
     enforce_eager: bool = False
     max_queued_requests: int | None = None  # serving: bound the waiting queue (429 beyond it)
@@ -149,7 +152,8 @@ class EngineArgs:
             scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, max_model_len,
                                       self.enable_chunked_prefill, bool(self.async_scheduling),
                                       max_queued_requests=self.max_queued_requests),
-            parallel=ParallelConfig(self.tensor_parallel_size, self.placement_strategy, self.accelerator_type),
+            parallel=ParallelConfig(self.tensor_parallel_size, self.placement_strategy, self.accelerator_type,
+                                    bool(self.disable_custom_all_reduce)),
             device=device,
             attention_backend=backend,
             enforce_eager=bool(self.enforce_eager),

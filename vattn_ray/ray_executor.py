@@ -5,6 +5,11 @@ and brings back each rank's `StepOutput`; a plain actor call costs about a milli
 compiled graph a fraction of that. Other commands (integrity checks, stats) travel through the
 same graph so nothing runs on a worker concurrently with a step.
 
+Steps overlap: a rank launches step t+1 *before* it waits for step t's sampled tokens, so the
+answer to the command carrying plan t+1 is step t's output (and a `FLUSH` command fetches the
+last one when no plan follows). The GPU always has the next step queued while the head takes in
+the previous one and plans the one after.
+
 Inside a Ray Serve replica the group uses the replica's own placement group (rank i in bundle i;
 the replica sits in bundle 0, see `placement/`); standalone it creates one and removes it at
 shutdown.
@@ -15,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,12 +35,32 @@ logger = logging.getLogger(__name__)
 WORKER_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 STEP_TIMEOUT_S = float(os.environ.get("VATTN_RAY_STEP_TIMEOUT_S", "600"))
 PLACEMENT_TIMEOUT_S = 120.0  # standalone: how long to wait for the worker group's resources
+PEER_REPORT_S = 5.0  # after one rank failed, how long the others get to report their errors
+FLUSH = ("flush", ())  # answered with the output of the step launched last, if not answered yet
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+class RankRaised(RuntimeError):
+    """A rank's exception in a step, tagged with the rank: a compiled graph hands every rank's
+    ref the first error of a call, and does not say which actor raised it."""
+
+    def __init__(self, rank: int, error: str) -> None:
+        super().__init__(rank, error)
+        self.rank, self.error = rank, error
+
+    def __str__(self) -> str:
+        return self.error
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """Whether a rank's error only says that a peer went away (gloo's wording)."""
+    text = str(getattr(exc, "cause", None) or exc)
+    return "closed by peer" in text or "reset by peer" in text
 
 
 class _RemoteWorker:
@@ -44,6 +70,7 @@ class _RemoteWorker:
         from workers.worker import Worker
 
         self.worker = Worker(config, rank, world_size)
+        self.pending = None  # the step launched last, whose output has not been answered yet
 
     def address(self) -> str:
         import ray
@@ -56,9 +83,26 @@ class _RemoteWorker:
         return self.worker.load()
 
     def run(self, command):
-        """A StepPlan, or (method name or function of the worker, args) for calls that are not steps."""
-        if isinstance(command, StepPlan):
-            return self.worker.execute(command)
+        """A StepPlan: launch it and answer with the previous step's output (None if already
+        answered). `FLUSH`: answer the last step's output. Else (method name or function of the
+        worker, args) for calls that are not steps; the head flushes before sending those."""
+        try:
+            if isinstance(command, StepPlan):
+                try:
+                    launched = self.worker.submit(command)
+                except BaseException:
+                    # Peers may be blocked in a collective with this rank: make theirs fail now.
+                    self.worker.abort_collectives()
+                    raise
+                earlier, self.pending = self.pending, launched
+                return earlier.result() if earlier is not None else None
+            if command == FLUSH:
+                earlier, self.pending = self.pending, None
+                return earlier.result() if earlier is not None else None
+        except Exception as exc:
+            raise RankRaised(self.worker.rank, repr(exc)) from exc
+        if self.pending is not None:
+            raise RuntimeError(f"command {command[0]!r} arrived with a step's output unanswered")
         name, args = command
         if callable(name):
             return name(self.worker, *args)
@@ -68,11 +112,32 @@ class _RemoteWorker:
         return os.getpid()
 
 
+class _RayStep:
+    """A step sent to the ranks. Its output comes back with the next command sent after it."""
+
+    __slots__ = ("executor", "own_refs", "answer_refs", "output")
+
+    def __init__(self, executor: "RayExecutor", own_refs) -> None:
+        self.executor = executor
+        self.own_refs = own_refs  # the answer to this step's command: the previous step's output
+        self.answer_refs = None  # the next command's refs, which carry this step's output
+        self.output: StepOutput | None = None
+
+    def result(self) -> StepOutput:
+        return self.executor._result(self)
+
+
 class RayExecutor(Executor):
     """N Ray actors, one per rank; all ranks apply every plan in lockstep."""
 
+    overlaps_steps = True
+
     def __init__(self, config: EngineConfig, placement_group=None) -> None:
         super().__init__(config)
+        # Commands go out and answers come back in one order, from the engine's thread and from
+        # callers of stats or checks: one lock keeps each send paired with its answer.
+        self._lock = threading.RLock()
+        self._unanswered: _RayStep | None = None  # the step sent last, if no command followed it
         self.placement_group = placement_group
         self.owns_placement_group = False
         self.workers = []
@@ -138,24 +203,94 @@ class RayExecutor(Executor):
             self.failure = self._describe(exc)
             raise WorkerFailed(self.failure) from exc
 
-    def _run_all(self, command) -> list:
-        """One command on every rank. The first failure poisons the group: a surviving rank may
-        be blocked in a collective with the dead one, so nothing is sent to it again."""
-        import ray
-
+    def _send(self, command):
+        """Send one command to every rank; returns the refs of their answers."""
         self.check_alive()
         try:
             if self.graph is not None:
-                refs = self.graph.execute(command)  # raises too once Ray has torn the graph down
-            else:
-                refs = [w.run.remote(command) for w in self.workers]
-            return ray.get(refs, timeout=STEP_TIMEOUT_S)
-        except ray.exceptions.RayError as exc:
-            self.failure = self._describe(exc)
-            logger.error("%s", self.failure)
-            raise WorkerFailed(self.failure) from exc
+                return self.graph.execute(command)  # raises too once Ray has torn the graph down
+            return [w.run.remote(command) for w in self.workers]
+        except Exception as exc:  # noqa: BLE001 - any Ray error here means the group is gone
+            self._fail(exc)
 
-    def _describe(self, exc: BaseException) -> str:
+    def _wait(self, refs) -> list:
+        """Every rank's answer, in rank order. The first failure poisons the group: a surviving
+        rank may be blocked in a collective with the dead one, so nothing is sent to it again.
+
+        Once one rank has failed the others get a few seconds to report too, so that the rank
+        that raised is named rather than a peer that lost its connection to it."""
+        import ray
+
+        outs, errors = [], []
+        for rank, ref in enumerate(refs):
+            try:
+                outs.append(ray.get(ref, timeout=PEER_REPORT_S if errors else STEP_TIMEOUT_S))
+            except ray.exceptions.GetTimeoutError as exc:
+                if not errors:
+                    self._fail(exc)
+                break
+            except ray.exceptions.RayError as exc:
+                # A compiled graph may answer any rank's ref with another rank's error: name the
+                # rank from the error itself where it says.
+                named = self._rank_of(exc)
+                errors.append((rank if named is None else named, exc))
+        if errors:
+            rank, exc = next(((r, e) for r, e in errors if not _lost_peer(e)), errors[0])
+            self._fail(exc, rank)
+        return outs
+
+    def _fail(self, exc: BaseException, rank: int | None = None):
+        import ray
+
+        if self.failure is None:
+            self.failure = (self._describe(exc, rank) if isinstance(exc, ray.exceptions.RayError)
+                            else f"the worker group's control channel failed: {exc!r}")
+            logger.error("%s", self.failure)
+        raise WorkerFailed(self.failure) from exc
+
+    def _run_all(self, command) -> list:
+        """One command that is not a step on every rank, after the last step's output is in."""
+        with self._lock:
+            self._flush()
+            return self._wait(self._send(command))
+
+    def _flush(self) -> None:
+        """Fetch the output of the step sent last if no command has followed it yet."""
+        step, self._unanswered = self._unanswered, None
+        if step is not None:
+            step.answer_refs = self._send(FLUSH)
+            self._collect(step)
+
+    def _collect(self, step: _RayStep) -> None:
+        # In the order sent: this step's own answer (about an earlier step, already taken in or
+        # None), then the answer that carries its output.
+        if step.own_refs is not None:
+            self._wait(step.own_refs)
+            step.own_refs = None
+        step.output = self._merge(self._wait(step.answer_refs))
+
+    def submit(self, plan: StepPlan) -> _RayStep:
+        """Send `plan` to every rank; returns at once (the ranks launch it and answer the step
+        before it). Its output arrives with the next command."""
+        with self._lock:
+            refs = self._send(plan)
+            earlier = self._unanswered
+            if earlier is not None:  # this command's answer is the earlier step's output
+                earlier.answer_refs = refs
+                refs = None
+            self._unanswered = _RayStep(self, refs)
+            return self._unanswered
+
+    def _result(self, step: _RayStep) -> StepOutput:
+        with self._lock:
+            if step.output is None:
+                if step.answer_refs is None:  # nothing sent after it: ask for its output
+                    self._flush()
+                else:
+                    self._collect(step)
+            return step.output
+
+    def _describe(self, exc: BaseException, rank: int | None = None) -> str:
         """One line for operators: which rank (and process) failed, and how.
 
         When a rank dies, its peers blocked in a collective with it fail too (gloo: "connection
@@ -167,12 +302,14 @@ class RayExecutor(Executor):
         if isinstance(exc, ray.exceptions.GetTimeoutError):
             return (f"a tensor-parallel step did not finish in {STEP_TIMEOUT_S:.0f} s "
                     "(VATTN_RAY_STEP_TIMEOUT_S): a worker is stuck")
-        named = self._rank_of(exc)
+        named = self._rank_of(exc) if rank is None else rank
         if isinstance(exc, ray.exceptions.RayActorError) and named is not None:
             dead = [named]
         else:
             dead = self._dead_ranks(timeout_s=5.0)
-        what = (repr(exc.cause) if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause
+        cause = getattr(exc, "cause", None)
+        what = (cause.error if isinstance(cause, RankRaised) else repr(cause)
+                if isinstance(exc, ray.exceptions.RayTaskError) and cause
                 else f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
         if not dead:
             return f"tensor-parallel worker {self._who(named)} raised: {what}"
@@ -187,7 +324,10 @@ class RayExecutor(Executor):
         return f"rank {rank} (pid {self.pids[rank] if rank < len(self.pids) else '?'})"
 
     def _rank_of(self, exc: BaseException) -> int | None:
-        """The rank an exception names, by actor id or by process id."""
+        """The rank an exception names: tagged by the rank, or by actor id or process id."""
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, RankRaised):
+            return cause.rank
         ids = [w._actor_id.hex() for w in self.workers]
         actor_id = getattr(exc, "actor_id", None)
         if actor_id in ids:
@@ -214,7 +354,11 @@ class RayExecutor(Executor):
         return sorted(dead)
 
     def execute(self, plan: StepPlan) -> StepOutput:
-        outs = self._run_all(plan)
+        return self.submit(plan).result()
+
+    @staticmethod
+    def _merge(outs: list) -> StepOutput:
+        """Rank 0's output with every rank's KV failures; executed only if every rank ran it."""
         first = outs[0]
         failures = tuple(f for o in outs for f in o.kv_failures)
         executed = all(o.executed for o in outs)

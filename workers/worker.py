@@ -75,6 +75,7 @@ class Worker:
         self.model = None
         self.kv = None
         self.group = None
+        self.cpu_group = None  # gloo: host-side agreement (KV failures) without a device sync
         self.graphs = None
         self.last_sampled = None  # [max_slots] device tensor: each slot's latest sampled token
         self.last_executed = True  # whether the previous plan ran (a plan built on it needs that)
@@ -92,6 +93,8 @@ class Worker:
             torch.distributed.init_process_group(backend, init_method=self.dist_init_method,
                                                  rank=self.rank, world_size=self.world_size)
             self.group = torch.distributed.group.WORLD
+            self.cpu_group = (torch.distributed.new_group(backend="gloo") if backend == "nccl"
+                              else self.group)
 
     def load(self) -> WorkerInfo:
         """Load this rank's weights, then size and create the KV pool from what memory is left."""
@@ -104,6 +107,8 @@ class Worker:
         self.model = load_model(cfg.model.model, dtype=self.dtype, device=self.device, rank=self.rank,
                                 world_size=self.world_size, attention_backend=cfg.attention_backend)
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if self.world_size > 1:
+            self._install_all_reduce()
         layout = KVLayout.build(
             num_layers=self.model.num_layers, layers_per_tensor=cfg.cache.kv_layers_per_tensor,
             num_kv_heads=self.model.num_kv_heads, head_dim=self.model.head_dim,
@@ -127,6 +132,17 @@ class Worker:
                     layout.num_tensors, layout.layers_per_tensor, layout.max_slots,
                     layout.max_tokens_per_slot)
         return info
+
+    def _install_all_reduce(self) -> None:
+        """The layers' all-reduce: peer-to-peer for step-sized tensors, sized before the KV pool."""
+        from vattn_ray.model import comm
+
+        sched = self.config.scheduler
+        tokens = max(sched.max_num_batched_tokens, sched.max_num_seqs)
+        self.all_reduce = comm.AllReduce(
+            self.group, self.device, self.dtype, tokens * self.model.hf_config.hidden_size,
+            symm_mem=not self.config.parallel.disable_custom_all_reduce)
+        comm.install(self.all_reduce)
 
     def _use_graphs(self) -> bool:
         # Graphs need fixed input shapes and kernels without host-side branching: FA2 via torch,
@@ -247,13 +263,25 @@ class Worker:
         return self.sampler.readout(logits, tokens, chunks, params)
 
     def _any_rank_failed(self, failed: bool) -> bool:
-        """All shards must agree to skip a step, or the ones that run would wait in a collective."""
+        """All shards must agree to skip a step, or the ones that run would wait in a collective.
+
+        A host-side (gloo) all-reduce: a flag on the GPU would queue behind the step still running
+        there, and reading it back would wait for that step, so no two steps could overlap."""
         if self.world_size == 1:
             return failed
-        flag = torch.tensor([1 if failed else 0], dtype=torch.int32,
-                            device=self.device if self.device.type == "cuda" else "cpu")
-        torch.distributed.all_reduce(flag, group=self.group)
+        flag = torch.tensor([1 if failed else 0], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, group=self.cpu_group)
         return bool(flag.item())
+
+    def abort_collectives(self) -> None:
+        """After this rank raised mid-step: close its host-side group, so that peers waiting for
+        it in the failure agreement (and, on CPU, in any collective) fail at once."""
+        if self.world_size > 1 and self.cpu_group is not None and torch.distributed.is_initialized():
+            try:
+                torch.distributed.destroy_process_group(self.cpu_group)
+            except Exception:  # noqa: BLE001 - the group is being abandoned either way
+                logger.warning("rank %d: closing the host-side group failed", self.rank, exc_info=True)
+            self.cpu_group = None
 
     def _tag(self, failures: list[KVFailure]) -> tuple[KVFailure, ...]:
         return tuple(KVFailure(self.rank, f.slot, f.num_groups, f.reason) for f in failures)
@@ -282,6 +310,11 @@ class Worker:
             self.kv.close()
             self.kv = None
         self.graphs = self.model = None
+        if self.world_size > 1:
+            from vattn_ray.model import comm
+
+            comm.install(None)
+            self.all_reduce = None
         if self.device.type == "cuda":
             import gc
 

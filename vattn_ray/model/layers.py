@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from vattn_ray.model import fused
+from vattn_ray.model import comm, fused
 
 
 def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -99,7 +99,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
         if self.world_size > 1:
-            dist.all_reduce(y)  # partial sums of every rank's input shard
+            y = comm.all_reduce(y)  # partial sums of every rank's input shard
         return y
 
     def load(self, name: str, src) -> None:
@@ -124,8 +124,7 @@ class VocabParallelEmbedding(nn.Module):
         local = ids - self.first
         inside = (local >= 0) & (local < self.local_vocab)
         y = F.embedding(local.clamp(0, self.local_vocab - 1), self.weight) * inside[:, None].to(self.weight.dtype)
-        dist.all_reduce(y)  # each id's row lives on exactly one rank
-        return y
+        return comm.all_reduce(y)  # each id's row lives on exactly one rank
 
     def load(self, name: str, src) -> None:
         rows = max(0, min(self.local_vocab, self.vocab_size - self.first))
