@@ -54,9 +54,10 @@ class AllReduce:
             return self.backend
         return "one_shot" if nbytes <= ONE_SHOT_MAX_BYTES else "two_shot"
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """`sum over ranks of x` (contiguous); `x` itself may be overwritten."""
-        how = self.choose(x)
+    def __call__(self, x: torch.Tensor, how: str | None = None) -> torch.Tensor:
+        """`sum over ranks of x` (contiguous); `x` itself may be overwritten. `how` forces a
+        method (the benchmark compares them); by default `choose` picks."""
+        how = how or self.choose(x)
         if how == "one_shot":
             out = torch.empty_like(x)
             buf = self.buffer[:x.numel()]
