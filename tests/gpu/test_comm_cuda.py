@@ -30,5 +30,6 @@ def test_p2p_all_reduce_matches_nccl_and_is_fast_at_decode_size(tmp_path):
             assert m["max_abs_diff_vs_nccl"] == 0.0, (row["rows"], method, m)
     decode = by_rows[256]  # [256, 4096] bf16, a decode step at batch 256 of an 8B model
     assert decode["chosen"] in ("one_shot", "two_shot")
-    assert decode["methods"][decode["chosen"]]["us_per_call"] <= 10.0, decode
+    # docs/benchmarks.md publishes ~17 us on 2xH200 (NCCL: ~36 us).
+    assert decode["methods"][decode["chosen"]]["us_per_call"] <= 20.0, decode
     assert decode["methods"][decode["chosen"]]["us_per_call"] < decode["methods"]["nccl"]["us_per_call"]

@@ -12,17 +12,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def git_state(root: str = ROOT) -> dict:
     """The project's commit and whether tracked files differ from it.
 
-    Where the tree has no git metadata (a copied working tree), `VATTN_GIT_COMMIT` names the
-    commit it was copied from; otherwise the commit is recorded as unknown, with the reason.
+    Where the tree is a copy (no git metadata, or metadata of an older base), `VATTN_GIT_COMMIT`
+    names the commit it was copied from and takes precedence; without either the commit is
+    recorded as unknown, with the reason.
     """
+    env = os.environ.get("VATTN_GIT_COMMIT")
+    if env:
+        return {"commit": env, "dirty": None, "source": "VATTN_GIT_COMMIT"}
     try:
         commit = _git(root, "rev-parse", "HEAD")
         dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no"))
         return {"commit": commit, "dirty": dirty, "source": "git"}
     except (OSError, subprocess.CalledProcessError) as exc:
-        env = os.environ.get("VATTN_GIT_COMMIT")
-        if env:
-            return {"commit": env, "dirty": None, "source": "VATTN_GIT_COMMIT"}
         return {"commit": None, "dirty": None, "reason": f"no git metadata ({type(exc).__name__}); "
                                                          "set VATTN_GIT_COMMIT"}
 

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 MIB = 1 << 20
 ONE_SHOT_MAX_BYTES = 256 * 1024  # below this, one kernel with no intermediate barrier wins
-SYMM_MAX_BYTES = 64 * MIB  # the largest symmetric buffer; NCCL takes anything bigger
+SYMM_MAX_BYTES = 16 * MIB  # the largest symmetric buffer; NCCL takes anything bigger (it catches
+# up with two-shot at ~32 MiB on 2xH200: docs/results/allreduce_2xh200.json)
 
 
 class AllReduce:
