@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from vattn_ray.bench import allreduce
+from vattn_ray.model import comm
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 
@@ -24,7 +25,9 @@ def test_p2p_all_reduce_matches_nccl_and_is_fast_at_decode_size(tmp_path):
     assert report["symmetric_memory"], "symmetric memory was not set up; every all-reduce went to NCCL"
     by_rows = {row["rows"]: row for row in report["sizes"]}
     for row in report["sizes"]:
-        assert {"one_shot", "two_shot"} <= set(row["methods"]), row
+        fits = row["bytes"] <= comm.SYMM_MAX_BYTES
+        assert ({"one_shot", "two_shot"} <= set(row["methods"])) == fits, row
+        assert (row["chosen"] == "nccl") == (not fits), row
         for method, m in row["methods"].items():
             # Two ranks: one bf16 add per element, rounded once, whoever adds.
             assert m["max_abs_diff_vs_nccl"] == 0.0, (row["rows"], method, m)
