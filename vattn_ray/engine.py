@@ -184,6 +184,7 @@ class LLMEngine:
             if not seq.output.finished:
                 self.scheduler.abort(seq_id)
                 seq.output.finish_reason = "abort"
+                seq.output.text += seq.detok.flush()  # text decoded at the end only (final-only)
             self.seq_of.pop(seq_id, None)
             self.structured.remove(seq_id)
         return self._make_output(req)
@@ -285,7 +286,12 @@ class LLMEngine:
                     o.cumulative_logprob = (o.cumulative_logprob or 0.0) + tok.logprob
                 o.logprobs.append(entry)
         before = len(o.text)
-        o.text += seq.detok.add(list(upd.new_token_ids))
+        if seq.params.stop or seq.parent.kind is not RequestOutputKind.FINAL_ONLY:
+            o.text += seq.detok.add(list(upd.new_token_ids))
+        else:
+            # Nobody reads the text before the end and no stop string looks at it: decode once,
+            # at the end (the same text; per-step decoding of a whole batch costs milliseconds).
+            seq.detok.token_ids.extend(upd.new_token_ids)
         if upd.finished:
             o.text += seq.detok.flush()
         stop = find_stop(o.text, before, seq.params.stop) if seq.params.stop else None

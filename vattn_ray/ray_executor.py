@@ -57,6 +57,21 @@ class RankRaised(RuntimeError):
         return self.error
 
 
+def _use_assigned_gpu() -> None:
+    """Point LOCAL_RANK at the GPU Ray assigned to this actor, among all of the node's GPUs.
+
+    The actors run with RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES, so each sees every GPU of
+    the node: peer-to-peer (symmetric-memory) buffers need distinct device indices on the ranks
+    of a group, and with one visible GPU each, every rank would be device 0."""
+    import ray
+
+    ids = [str(i) for i in ray.get_gpu_ids()]
+    if not ids or os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES") != "1":
+        return
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    os.environ["LOCAL_RANK"] = str(visible.index(ids[0]) if ids[0] in visible else int(ids[0]))
+
+
 def _lost_peer(exc: BaseException) -> bool:
     """Whether a rank's error only says that a peer went away (gloo's wording)."""
     text = str(getattr(exc, "cause", None) or exc)
@@ -69,6 +84,8 @@ class _RemoteWorker:
     def __init__(self, config: EngineConfig, rank: int, world_size: int) -> None:
         from workers.worker import Worker
 
+        if config.device == "cuda":
+            _use_assigned_gpu()
         self.worker = Worker(config, rank, world_size)
         self.pending = None  # the step launched last, whose output has not been answered yet
 
@@ -172,6 +189,8 @@ class RayExecutor(Executor):
         gpus = 1 if self.config.device == "cuda" else 0
         actor_cls = ray.remote(_RemoteWorker)
         env = dict(WORKER_ENV)
+        if self.config.device == "cuda":
+            env["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"  # see _use_assigned_gpu
         if os.environ.get("PYTHONPATH"):
             env["PYTHONPATH"] = os.environ["PYTHONPATH"]  # carried packages on the GPU machine
         for rank in range(tp):
