@@ -7,6 +7,8 @@ be redrawn from the JSON alone:
 - serving: output tokens/s and requests/s against the offered request rate; TTFT and inter-token
   latency CDFs, one line per rate; the server's KV page groups (mapped, free, idle) and running
   requests over the run (sampled from ``GET /stats``).
+- serving_compare (systems side by side): output tokens/s, p99 TTFT and p99 ITL against the
+  offered rate, one line per system, with the SLO's bounds.
 - throughput: output tokens/s per system; the engine's KV page groups and running / waiting
   requests over the run (sampled from `LLMEngine.stats()`), the memory story of demand paging.
 - kv: map and unmap throughput per layers-per-tensor G; decode step time with pre-mapped, on-demand
@@ -103,6 +105,40 @@ def plot_serving(report: dict, path: str) -> None:
     _save(fig, path)
 
 
+def plot_serving_comparison(cmp: dict, path: str) -> None:
+    """Systems side by side (serving_compare's JSON): throughput, p99 TTFT and p99 ITL against the
+    offered rate, with the SLO's bounds drawn; the per-request CDFs are in each system's own figure."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    slo = next((s["slo"] for s in cmp["systems"].values() if s.get("slo")), None)
+    for name, s in cmp["systems"].items():
+        rows = sorted((r for r in s["rates"] if r["completed"]), key=lambda r: r["rate"])
+        best = (s.get("slo") or {}).get("highest_rate_meeting_slo")
+        label = f"{name} (SLO met up to {best:g} req/s)" if best is not None else f"{name} (SLO never met)"
+        rates = [r["rate"] for r in rows]
+        axes[0].plot(rates, [r["output_tokens_per_s"] or 0 for r in rows], "o-", label=label)
+        axes[1].plot(rates, [r["ttft_ms"]["p99"] for r in rows], "o-", label=name)
+        axes[2].plot(rates, [r["itl_ms"]["p99"] for r in rows], "o-", label=name)
+    axes[0].set_ylabel("output tokens/s")
+    axes[0].set_title("throughput vs request rate")
+    for ax, key, title in ((axes[1], "ttft_p99_ms_max", "p99 time to first token (ms)"),
+                           (axes[2], "itl_p99_ms_max", "p99 inter-token latency (ms)")):
+        if slo:
+            ax.axhline(slo[key], color="k", linestyle=":", linewidth=1, label=f"SLO {slo[key]:g} ms")
+        ax.set_yscale("log")
+        ax.set_ylabel(title)
+        ax.set_title(title.split(" (")[0])
+    for ax in axes:
+        ax.set_xlabel("offered request rate (req/s)")
+        if ax.lines:
+            ax.legend(fontsize=7)
+        _note_if_empty(ax, "measured rates")
+    cfg = cmp.get("config", {})
+    fig.suptitle(f"serving side by side: {cfg.get('input_len', '?')} in / {cfg.get('output_len', '?')} out "
+                 f"tokens, same load on every system: {cmp.get('same_load')}")
+    _save(fig, path)
+
+
 def plot_throughput(report: dict, path: str) -> None:
     plt = _pyplot()
     ok = [r for r in report["results"] if r.get("output_tokens_per_s") and r.get("kind", "throughput") == "throughput"]
@@ -161,7 +197,9 @@ def _save(fig, path: str) -> None:
 
 
 def kind_of(report: dict) -> str:
-    """Which benchmark wrote `report`: "serving", "throughput" or "kv"."""
+    """Which benchmark wrote `report`: "serving", "serving_comparison", "throughput" or "kv"."""
+    if "systems" in report and "same_load" in report:
+        return "serving_comparison"
     if "decode" in report and "throughput" in report:
         return "kv"
     if "config" in report and "url" in report["config"]:
@@ -171,7 +209,8 @@ def kind_of(report: dict) -> str:
     raise ValueError("not a serving, throughput or kv benchmark report")
 
 
-PLOTTERS = {"serving": plot_serving, "throughput": plot_throughput, "kv": plot_kv}
+PLOTTERS = {"serving": plot_serving, "serving_comparison": plot_serving_comparison,
+            "throughput": plot_throughput, "kv": plot_kv}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,16 @@ tokens/s (over the time from the first arrival to the last completion), TTFT, in
 server coalesced tokens (then ITL is per chunk, not per token, and TPOT is the per-token figure).
 While a rate runs, the server's `GET /stats` is sampled every --stats-interval seconds (KV page
 groups, running and waiting requests: `kv_timeline`; skipped when the server has no /stats).
+
+The SLO (`slo` in the report): a rate meets it when none of its requests failed, its p99 TTFT is
+at most --slo-ttft-ms (default 1000) and its p99 ITL at most --slo-itl-ms (default 100). The
+report's `highest_rate_meeting_slo` is the highest offered rate that meets it with every lower
+measured rate meeting it too, so one lucky rate above a failing one does not count.
+--stop-when-saturated skips the remaining (higher) rates once a rate misses the SLO and completes
+less than 90% of its offered rate: past that point the server only queues.
+The same load drives any OpenAI-compatible server: this project's app or vLLM's
+(`python -m vllm.entrypoints.openai.api_server`), which both take token-id prompts, `ignore_eos`
+and `stream_options.include_usage`; `vattn_ray/bench/serving_compare.py` runs both in one go.
 Only the standard library and aiohttp are needed on the client; --plot also needs matplotlib.
 """
 
@@ -32,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -279,6 +290,42 @@ def summarize(rate: float, start: float, arrivals: list[float], results: list[Re
     }
 
 
+def meets_slo(result: dict[str, Any], ttft_p99_ms: float, itl_p99_ms: float) -> bool:
+    """Whether one rate's figures meet the SLO: no failed request, p99 TTFT and p99 ITL in bounds.
+
+    A failed request counts against the SLO (it is missing from the percentiles, so a server that
+    drops work would otherwise look fast). A rate with nothing completed does not meet it.
+    """
+    ttft, itl = result["ttft_ms"]["p99"], result["itl_ms"]["p99"]
+    return (result["completed"] > 0 and result["failed"] == 0 and ttft is not None and ttft <= ttft_p99_ms
+            and (itl is None or itl <= itl_p99_ms))  # no ITL at all: every output was one chunk
+
+
+def slo_summary(results: list[dict[str, Any]], ttft_p99_ms: float, itl_p99_ms: float) -> dict[str, Any]:
+    """The SLO verdict of every rate and the highest rate meeting it (with every lower rate too)."""
+    by_rate = sorted(results, key=lambda r: r["rate"])
+    verdicts = [{"rate": r["rate"], "meets": meets_slo(r, ttft_p99_ms, itl_p99_ms),
+                 "ttft_p99_ms": r["ttft_ms"]["p99"], "itl_p99_ms": r["itl_ms"]["p99"], "failed": r["failed"],
+                 "request_throughput": r["request_throughput"], "output_tokens_per_s": r["output_tokens_per_s"]}
+                for r in by_rate]
+    best = None
+    for v in verdicts:
+        if not v["meets"]:
+            break
+        best = v
+    return {"ttft_p99_ms_max": ttft_p99_ms, "itl_p99_ms_max": itl_p99_ms, "rates": verdicts,
+            "highest_rate_meeting_slo": best["rate"] if best else None,
+            "request_throughput_at_that_rate": best["request_throughput"] if best else None,
+            "output_tokens_per_s_at_that_rate": best["output_tokens_per_s"] if best else None}
+
+
+def saturated(result: dict[str, Any], ttft_p99_ms: float, itl_p99_ms: float) -> bool:
+    """The server misses the SLO and completes under 90% of the offered rate: higher rates only queue."""
+    offered = result["offered_rate"] or result["rate"]
+    achieved = result["request_throughput"] or 0.0
+    return not meets_slo(result, ttft_p99_ms, itl_p99_ms) and achieved < 0.9 * offered
+
+
 def render(report: dict[str, Any]) -> str:
     """The per-rate results as a markdown table (latencies in ms)."""
     cfg = report["config"]
@@ -307,6 +354,13 @@ def render(report: dict[str, Any]) -> str:
                          f"{cfg['output_len']} tokens")
         if r["tokens_per_chunk"] is not None and r["tokens_per_chunk"] > 1.05:
             notes.append(f"rate {r['rate']:g}: {r['tokens_per_chunk']:.2f} tokens per chunk (ITL is per chunk)")
+    slo = report.get("slo")
+    if slo:
+        best = slo["highest_rate_meeting_slo"]
+        notes.append(f"SLO p99 TTFT <= {slo['ttft_p99_ms_max']:g} ms and p99 ITL <= {slo['itl_p99_ms_max']:g} ms: "
+                     + ("no measured rate meets it" if best is None else
+                        f"highest rate meeting it {best:g} req/s ({slo['request_throughput_at_that_rate'] or 0:.2f} "
+                        f"req/s achieved)"))
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
@@ -319,6 +373,13 @@ def _body(args: argparse.Namespace, prompt: list[int], max_tokens: int) -> dict[
     return body
 
 
+def load_digest(arrivals: list[float], bodies: list[dict[str, Any]]) -> str:
+    """sha256 of a rate's arrival times and request bodies (less the model name): two runs with the
+    same digest sent every server the very same prompts at the very same times."""
+    load = [[round(a, 9), {k: v for k, v in b.items() if k != "model"}] for a, b in zip(arrivals, bodies)]
+    return hashlib.sha256(json.dumps(load, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 async def run_rate(session: aiohttp.ClientSession, args: argparse.Namespace, rate: float,
                    sampler: PromptSampler, rate_index: int) -> dict[str, Any]:
     """Open-loop Poisson load at `rate`, then wait (at most --timeout s) for what is in flight."""
@@ -326,6 +387,7 @@ async def run_rate(session: aiohttp.ClientSession, args: argparse.Namespace, rat
     arrivals = poisson_arrivals(rate, rng, duration_s=None if args.num_requests else args.duration,
                                 num_requests=args.num_requests)
     bodies = [_body(args, sampler.sample(rng, args.input_len), args.output_len) for _ in arrivals]
+    load_sha256 = load_digest(arrivals, bodies)
     results = [RequestResult() for _ in arrivals]
     in_flight, peak = 0, 0
 
@@ -361,6 +423,7 @@ async def run_rate(session: aiohttp.ClientSession, args: argparse.Namespace, rat
     sampler_task.cancel()
     await asyncio.gather(sampler_task, return_exceptions=True)
     out = summarize(rate, start, arrivals, results, args.output_len, peak)
+    out["load_sha256"] = load_sha256
     out["kv_timeline"] = timeline
     return out
 
@@ -415,8 +478,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             logger.info("rate %g: %d/%d completed, %.2f req/s, %.1f output tok/s", rate, res["completed"],
                         res["sent"], res["request_throughput"] or 0.0, res["output_tokens_per_s"] or 0.0)
             report["results"].append(res)
+            report["slo"] = slo_summary(report["results"], args.slo_ttft_ms, args.slo_itl_ms)
             if args.out:  # after every rate, so an interrupted sweep keeps what it measured
                 _write(args.out, report)
+            if args.stop_when_saturated and saturated(res, args.slo_ttft_ms, args.slo_itl_ms):
+                report["skipped_rates"] = args.rates[i + 1:]
+                logger.info("rate %g saturates the server; skipping %s", rate, report["skipped_rates"] or "nothing")
+                break
+    if args.out:
+        _write(args.out, report)
     return report
 
 
@@ -455,6 +525,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="write the report as JSON here")
     ap.add_argument("--plot", default=None, help="draw the report's figures into this file (matplotlib)")
     ap.add_argument("--stats-interval", type=float, default=0.5, help="seconds between GET /stats samples")
+    ap.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="SLO: p99 time to first token, ms")
+    ap.add_argument("--slo-itl-ms", type=float, default=100.0, help="SLO: p99 inter-token latency, ms")
+    ap.add_argument("--stop-when-saturated", action="store_true",
+                    help="skip higher rates once one misses the SLO and completes < 90%% of its offered rate")
+    ap.add_argument("--system", default=None, help="a label for the server under test (e.g. vattn, vllm)")
     args = ap.parse_args(argv)
     if args.num_requests is not None and args.num_requests < 1:
         ap.error("--num-requests must be >= 1")

@@ -325,6 +325,7 @@ class Report:
         else:
             self.data["versions"]["vllm"] = res.get("versions")
             self.data["vllm_engine_args"] = res.get("engine_args")
+            self.data["vllm_parallel"] = res.get("parallel")  # the TP size vLLM reports it ran with
             if "engine_start_s" in res:
                 self.data["engine_start_s"]["vllm"] = res["engine_start_s"]
         self.save()

@@ -12,7 +12,14 @@ calls unless --no-actor-calls), one engine is started and measured three ways:
     each (ignore_eos), all submitted at once; output tokens/s and the decode step time (steps in
     which every sequence computes one token).
 (c) All-reduce (TP>1): the 2 per layer a decode step does, timed on the workers as
-    `torch.distributed.all_reduce` of a [decode batch, hidden] tensor of the model's dtype.
+    `torch.distributed.all_reduce` (NCCL on cuda) of a [decode batch, hidden] tensor of the model's
+    dtype; and a sweep over --allreduce-rows decode batch sizes of [rows, hidden], timed eagerly and
+    (cuda) as replays of one CUDA graph of a decode step's worth of all-reduces, as the decode graph
+    runs them. The sweep times NCCL and the project's own all-reduce (`project_all_reduce`, the one
+    hook to point at the entry point the model's layers call) side by side, with the largest
+    difference between their results on the same random input.
+(d) `decode_step_vs_tp1`: each TP size's decode step p50 over TP=1's (same requests; give
+    --num-requests 256 for the batch-256 step).
 Defaults on cuda: a Llama-3-8B-shaped bf16 checkpoint (built into /tmp/vattn-llama3-8b if
 missing), 128 requests, 512 in, 128 out. On cpu: a tiny random llama and small sizes.
 """
@@ -56,12 +63,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--allreduce-iters", type=int, default=None, help="timed decode steps' worth (cuda 50, cpu 5)")
+    p.add_argument("--allreduce-rows", default=None,
+                   help="decode batch sizes of the all-reduce sweep (cuda 1,8,32,64,128,256; cpu 1,3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the results as JSON here")
     args = p.parse_args(argv)
     fill_device_defaults(args, args.device == "cuda", {
         "dtype": ("bfloat16", "float32"), "overhead_steps": (500, 50), "num_requests": (128, 8),
-        "input_len": (512, 32), "output_len": (128, 16), "allreduce_iters": (50, 5)})
+        "input_len": (512, 32), "output_len": (128, 16), "allreduce_iters": (50, 5),
+        "allreduce_rows": ("1,8,32,64,128,256", "1,3")})
+    args.allreduce_row_list = [int(r) for r in args.allreduce_rows.split(",") if r.strip()]
     args.tps = [int(t) for t in args.tp.split(",")]
     return args
 
@@ -89,20 +100,92 @@ def take_step_times(worker) -> list[float]:
 
 
 def time_all_reduce(worker, rows: int, cols: int, per_step: int, iters: int) -> float:
-    """Seconds for `per_step` all-reduces of a [rows, cols] tensor, averaged over `iters` steps."""
-    x = torch.zeros(rows, cols, dtype=worker.dtype, device=worker.device)
+    """Seconds for `per_step` all-reduces (torch.distributed) of a [rows, cols] tensor, per step."""
+    return _time_calls(worker, lambda x: torch.distributed.all_reduce(x, group=worker.group), rows, cols,
+                       per_step, iters)
 
-    def sync() -> None:
-        if worker.device.type == "cuda":
-            torch.cuda.synchronize(worker.device)
 
-    for _ in range(5):
+def project_all_reduce(worker):
+    """THE HOOK: the project's own all-reduce for decode-size tensors, or None while the model's
+    layers call `torch.distributed.all_reduce` directly (then only NCCL is timed).
+
+    Return a callable `fn(x) -> tensor` that all-reduces `x` (a contiguous [rows, hidden] tensor on
+    the worker's device) over `worker.group` and returns the reduced tensor (in place or not): the
+    same entry point the model's layers call on the decode path, so the bench times what a step runs.
+    """
+    return None
+
+
+def sweep_all_reduce(worker, rows_list: list[int], cols: int, per_step: int, iters: int) -> list[dict]:
+    """Per rows: NCCL (torch.distributed) and the project's all-reduce, eager and (cuda) in a CUDA
+    graph of `per_step` calls; microseconds per call and the max |difference| of their results."""
+    ours = project_all_reduce(worker)
+
+    def nccl(x):
         torch.distributed.all_reduce(x, group=worker.group)
-    sync()
+        return x
+
+    out = []
+    for rows in rows_list:
+        row: dict = {"rows": rows, "shape": [rows, cols], "dtype": str(worker.dtype).replace("torch.", "")}
+        for name, fn in (("nccl", nccl), ("project", ours)):
+            if fn is None:
+                row[f"{name}_us"] = None
+                continue
+            row[f"{name}_us"] = 1e6 * _time_calls(worker, fn, rows, cols, per_step, iters) / per_step
+            if worker.device.type == "cuda":
+                try:
+                    row[f"{name}_graph_us"] = 1e6 * _time_graph(worker, fn, rows, cols, per_step, iters) / per_step
+                except Exception as exc:  # noqa: BLE001 - one mode failing must not lose the rest
+                    row[f"{name}_graph_error"] = f"{type(exc).__name__}: {exc}"
+        if ours is not None:
+            gen = torch.Generator(device=worker.device).manual_seed(1234 + worker.rank)
+            x = torch.randn(rows, cols, generator=gen, device=worker.device).to(worker.dtype)
+            want = nccl(x.clone())
+            got = ours(x.clone())
+            row["max_abs_diff_vs_nccl"] = float((got.float() - want.float()).abs().max())
+        out.append(row)
+    return out
+
+
+def _sync(worker) -> None:
+    if worker.device.type == "cuda":
+        torch.cuda.synchronize(worker.device)
+
+
+def _time_calls(worker, fn, rows: int, cols: int, per_step: int, iters: int) -> float:
+    """Seconds for `per_step` eager calls, averaged over `iters` steps."""
+    x = torch.zeros(rows, cols, dtype=worker.dtype, device=worker.device)
+    for _ in range(5):
+        fn(x)
+    _sync(worker)
     t0 = time.perf_counter()
     for _ in range(iters * per_step):
-        torch.distributed.all_reduce(x, group=worker.group)
-    sync()
+        fn(x)
+    _sync(worker)
+    return (time.perf_counter() - t0) / iters
+
+
+def _time_graph(worker, fn, rows: int, cols: int, per_step: int, iters: int) -> float:
+    """Seconds per replay of one CUDA graph of `per_step` calls (launch costs gone, as in decode)."""
+    x = torch.zeros(rows, cols, dtype=worker.dtype, device=worker.device)
+    side = torch.cuda.Stream(device=worker.device)
+    side.wait_stream(torch.cuda.current_stream(worker.device))
+    with torch.cuda.stream(side):  # warm up off the default stream, as capture requires
+        for _ in range(3):
+            fn(x)
+    torch.cuda.current_stream(worker.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(per_step):
+            fn(x)
+    for _ in range(3):
+        graph.replay()
+    _sync(worker)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        graph.replay()
+    _sync(worker)
     return (time.perf_counter() - t0) / iters
 
 
@@ -192,6 +275,35 @@ def bench_all_reduce(engine: LLMEngine, rows: int, iters: int, decode_step_ms: f
             "share_of_decode_step": (1e3 * secs / decode_step_ms) if decode_step_ms else None}
 
 
+def bench_all_reduce_sweep(engine: LLMEngine, rows_list: list[int], iters: int) -> dict:
+    hf = read_hf_config(engine.config.model.model)
+    per_step = 2 * int(hf["num_hidden_layers"])
+    ranks = engine.executor.run_on_workers(sweep_all_reduce, rows_list, int(hf["hidden_size"]), per_step, iters)
+    rows = []
+    for i, first in enumerate(ranks[0]):  # the slowest rank's time; the largest difference of any rank
+        row = dict(first)
+        for key in first:
+            values = [r[i][key] for r in ranks]
+            if key.endswith("_us") or key == "max_abs_diff_vs_nccl":
+                row[key] = None if any(v is None for v in values) else max(values)
+        rows.append(row)
+    return {"per_step": per_step, "project_all_reduce": any(r["project_us"] is not None for r in rows),
+            "rows": rows}
+
+
+def decode_step_vs_tp1(groups: list[dict]) -> list[dict]:
+    """Each group's decode step p50 (and throughput) over TP=1's, where TP=1 ran."""
+    base = next((g for g in groups if g["tp"] == 1), None)
+    if base is None or not base["throughput"]["decode_step_ms_p50"]:
+        return []
+    b = base["throughput"]
+    return [{"tp": g["tp"], "control": g["control"], "decode_batch_p50": g["throughput"]["decode_batch_p50"],
+             "decode_step_ms_p50": g["throughput"]["decode_step_ms_p50"],
+             "decode_step_over_tp1": (g["throughput"]["decode_step_ms_p50"] or 0) / b["decode_step_ms_p50"],
+             "output_tok_per_s_over_tp1": g["throughput"]["output_tok_per_s"] / b["output_tok_per_s"]}
+            for g in groups if g["tp"] > 1]
+
+
 # -- driver -----------------------------------------------------------------------------------------
 def _groups(args: argparse.Namespace) -> list[tuple[int, str]]:
     out = []
@@ -237,10 +349,14 @@ def _run_group(args: argparse.Namespace, path: str, vocab: int, tp: int, path_ki
     try:
         row = {"tp": tp, "control": path_kind, "overhead": bench_overhead(engine, args.overhead_steps)}
         row["throughput"] = bench_throughput(engine, args, vocab)
+        # The record fields the throughput bench's results carry, so one reader reads both.
+        row.update(system="vattn", workload=f"fixed {args.num_requests}x{args.input_len}/{args.output_len}",
+                   output_tokens_per_s=row["throughput"]["output_tok_per_s"])
         if tp > 1:
             t = row["throughput"]
             batch = int(t["decode_batch_p50"] or args.num_requests)
             row["all_reduce"] = bench_all_reduce(engine, batch, args.allreduce_iters, t["decode_step_ms_p50"])
+            row["all_reduce_sweep"] = bench_all_reduce_sweep(engine, args.allreduce_row_list, args.allreduce_iters)
         return row
     finally:
         _stop(engine)
@@ -277,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
     result = {"device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "model": path if args.model or args.device == "cuda" else "tiny random llama",
-              "config": {k: v for k, v in vars(args).items() if k not in ("out", "tps")}, "groups": rows}
+              "config": {k: v for k, v in vars(args).items() if k not in ("out", "tps")}, "groups": rows,
+              "decode_step_vs_tp1": decode_step_vs_tp1(rows)}
     sys.stdout.write(render(result))
     if args.out:
         with open(args.out, "w") as f:
@@ -312,6 +429,23 @@ def render(result: dict) -> str:
             share = "-" if a["share_of_decode_step"] is None else f"{100 * a['share_of_decode_step']:.1f}%"
             lines.append(f"| {r['tp']} | {r['control']} | {a['shape'][0]}x{a['shape'][1]} | {a['dtype']} "
                          f"| {a['per_step']} | {a['us_each']:.1f} | {a['ms_per_step']:.3f} | {share} |")
+    sweeps = [r for r in g if "all_reduce_sweep" in r]
+    if sweeps:
+        lines += ["", "All-reduce per call, µs (slowest rank; graph = replays of a CUDA graph of a step's calls):", "",
+                  "| TP | control path | shape | NCCL | NCCL graph | project | project graph | max abs diff |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in sweeps:
+            for a in r["all_reduce_sweep"]["rows"]:
+                lines.append(f"| {r['tp']} | {r['control']} | {a['rows']}x{a['shape'][1]} | {_f(a['nccl_us'], 1)} "
+                             f"| {_f(a.get('nccl_graph_us'), 1)} | {_f(a['project_us'], 1)} "
+                             f"| {_f(a.get('project_graph_us'), 1)} | {_f(a.get('max_abs_diff_vs_nccl'), 4)} |")
+    ratios = result.get("decode_step_vs_tp1") or []
+    if ratios:
+        lines += ["", "| TP | control path | decode batch p50 | decode step ms p50 | step / TP=1 | tok/s / TP=1 |",
+                  "|---|---|---|---|---|---|"]
+        for q in ratios:
+            lines.append(f"| {q['tp']} | {q['control']} | {_f(q['decode_batch_p50'], 0)} | {_f(q['decode_step_ms_p50'])} "
+                         f"| {_f(q['decode_step_over_tp1'])} | {_f(q['output_tok_per_s_over_tp1'])} |")
     return "\n".join(lines) + "\n"
 
 

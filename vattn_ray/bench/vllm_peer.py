@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
                     "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "cuda": torch.version.cuda,
                                  "transformers": transformers.__version__, "python": sys.version.split()[0]},
                     "received": received, "jobs": [], "complete": False}
+    if args.tensor_parallel_size > 1:
+        # vLLM's own multiprocessing workers on this machine's GPUs, never a Ray cluster it finds.
+        engine["distributed_executor_backend"] = "mp"
+        result["engine_args"]["distributed_executor_backend"] = "mp"
     t0 = time.perf_counter()
     try:
         llm = LLM(model=args.model, tokenizer=args.model, enable_prefix_caching=False, **engine)
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         _write(args.out, result)
         return 1
     result["engine_start_s"] = time.perf_counter() - t0
+    result["parallel"] = parallel_report(llm, torch)
     _write(args.out, result)
     sampling = spec.get("sampling", {})
 
@@ -135,6 +140,19 @@ def main(argv: list[str] | None = None) -> int:
                           and not any("error" in j for j in result["jobs"]))
     _write(args.out, result)
     return 0 if result["complete"] else 1
+
+
+def parallel_report(llm, torch) -> dict:
+    """What vLLM itself says it runs on (not what was asked): TP size, workers' backend, GPUs seen."""
+    out = {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+           "device_count": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+    try:
+        pc = llm.llm_engine.vllm_config.parallel_config
+        out.update(tensor_parallel_size=pc.tensor_parallel_size, world_size=pc.world_size,
+                   distributed_executor_backend=str(pc.distributed_executor_backend))
+    except AttributeError as exc:  # another vLLM layout: say so instead of guessing
+        out["error"] = f"parallel config not found: {exc}"
+    return out
 
 
 def run_job(job: dict, timed) -> dict:
