@@ -106,14 +106,9 @@ def time_all_reduce(worker, rows: int, cols: int, per_step: int, iters: int) -> 
 
 
 def project_all_reduce(worker):
-    """THE HOOK: the project's own all-reduce for decode-size tensors, or None while the model's
-    layers call `torch.distributed.all_reduce` directly (then only NCCL is timed).
-
-    Return a callable `fn(x) -> tensor` that all-reduces `x` (a contiguous [rows, hidden] tensor on
-    the worker's device) over `worker.group` and returns the reduced tensor (in place or not): the
-    same entry point the model's layers call on the decode path, so the bench times what a step runs.
-    """
-    return None
+    """The all-reduce the model's layers call (vattn_ray/model/comm.py: peer-to-peer for step-sized
+    tensors, NCCL above), or None on a single rank. `fn(x) -> reduced tensor` over `worker.group`."""
+    return getattr(worker, "all_reduce", None)
 
 
 def sweep_all_reduce(worker, rows_list: list[int], cols: int, per_step: int, iters: int) -> list[dict]:
