@@ -47,8 +47,8 @@ def test_tp_bench_runs_on_cpu_and_writes_json(tmp_path, capsys):
     assert sweep["per_step"] == 4 and [r["rows"] for r in sweep["rows"]] == [1, 2]
     for r in sweep["rows"]:
         assert r["shape"] == [r["rows"], 64] and r["dtype"] == "float32" and r["nccl_us"] > 0
-    # The model's layers call torch.distributed directly today: nothing of the project's to time.
-    assert sweep["project_all_reduce"] is False and all(r["project_us"] is None for r in sweep["rows"])
+    # The model's own all-reduce (gloo on CPU) is timed next to torch.distributed's, same results.
+    assert sweep["project_all_reduce"] is True and all(r["project_us"] > 0 for r in sweep["rows"])
     ratios = result["decode_step_vs_tp1"]
     assert [(q["tp"], q["control"]) for q in ratios] == [(2, "compiled graph"), (2, "actor calls")]
     base = groups[0]["throughput"]["decode_step_ms_p50"]

@@ -79,17 +79,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # -- run on the workers (module-level so Ray actors can import them) --------------------------------
 def install_step_timer(worker) -> None:
-    """Wrap `worker.execute` so it records its own duration; clear what was recorded so far."""
+    """Wrap `worker.submit` so each step records its own duration, from launch to output ready
+    (on a TP rank the output is taken one command later: the time between is the rank's own);
+    clear what was recorded so far."""
     if not hasattr(worker, "bench_step_s"):
-        inner, times = worker.execute, []
+        inner, times = worker.submit, []
+
+        class Timed:
+            def __init__(self, pending, t0: float) -> None:
+                self.pending, self.t0 = pending, t0
+
+            def result(self):
+                out = self.pending.result()
+                times.append(time.perf_counter() - self.t0)
+                return out
 
         def timed(plan):
             t0 = time.perf_counter()
-            out = inner(plan)
-            times.append(time.perf_counter() - t0)
-            return out
+            return Timed(inner(plan), t0)
 
-        worker.execute, worker.bench_step_s = timed, times
+        worker.submit = timed
+        worker.bench_step_s = times
     worker.bench_step_s.clear()
 
 
