@@ -69,6 +69,12 @@ def _use_assigned_gpu() -> None:
     if not ids or os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES") != "1":
         return
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if not visible:
+        # Name every GPU explicitly: Ray's compiled graph looks its device up in this variable.
+        import torch
+
+        visible = [str(i) for i in range(torch.cuda.device_count())]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible)
     os.environ["LOCAL_RANK"] = str(visible.index(ids[0]) if ids[0] in visible else int(ids[0]))
 
 
