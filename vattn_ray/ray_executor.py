@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from vattn_ray.config import EngineConfig
 from vattn_ray.executor import Executor, WorkerFailed
 from vattn_ray.scheduler.plan import StepOutput, StepPlan
@@ -109,6 +111,10 @@ class _RemoteWorker:
         """A StepPlan: launch it and answer with the previous step's output (None if already
         answered). `FLUSH`: answer the last step's output. Else (method name or function of the
         worker, args) for calls that are not steps; the head flushes before sending those."""
+        if self.worker.device.type == "cuda":
+            # The compiled graph calls this on a thread of its own, whose current device would
+            # otherwise be device 0: Triton launches on the current device.
+            torch.cuda.set_device(self.worker.device)
         try:
             if isinstance(command, StepPlan):
                 try:
