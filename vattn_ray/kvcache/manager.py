@@ -295,6 +295,12 @@ class KVManager:
         self._map_s += time.perf_counter() - start
         return None
 
+    def is_shared(self, slot: int, group: int) -> bool:
+        """Whether page group `group` of `slot` is mapped in another slot too."""
+        with self._lock:
+            groups = self._slots[slot]
+            return group < len(groups) and self._refs[groups[group][0]] > 1
+
     def shares_pages(self, slot: int, other: int, group: int) -> bool:
         """Whether page group `group` of two slots is the same physical memory."""
         with self._lock:

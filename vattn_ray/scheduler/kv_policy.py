@@ -166,6 +166,7 @@ class KVPolicy:
         else:
             slot = books.best_fit(need)
         assert slot is not None, "place() needs an unowned slot"
+        before = st.touched.get(slot, books.mapped[slot])
         books.assign(slot, req.req_id)
         if src is None or slot == src:
             # Its groups past the prefix are scratch to overwrite, up to the first one another
@@ -174,6 +175,9 @@ class KVPolicy:
             keep = books.first_shared(slot, cached)
             if keep < books.mapped[slot]:
                 self.set_groups(st, slot, keep)
+            if keep != before:
+                # Said apart from the final count: the slot may have lost groups earlier in this
+                # step (reclaimed) that it now gets back as other page groups.
                 st.structural.append(KVOp(slot, keep))
                 st.base[slot] = keep
         else:

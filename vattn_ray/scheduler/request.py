@@ -48,7 +48,7 @@ class Request:
     __slots__ = ("req_id", "prompt_token_ids", "params", "eos_token_ids", "output_token_ids",
                  "status", "slot", "num_computed", "num_tokens", "sent", "seq_no", "max_kv_tokens",
                  "scheduled_step", "planned_computed", "planned_tokens", "epoch", "block_hashes",
-                 "num_cached_tokens")
+                 "num_cached_tokens", "prefix_hit")
 
     def __init__(self, req_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
                  eos_token_ids: Collection[int], seq_no: int) -> None:
@@ -71,6 +71,7 @@ class Request:
         self.epoch = 0  # bumped on preemption: results of plans from an older epoch are stale
         self.block_hashes: list[bytes] = []  # prefix-cache keys of its full page groups, as computed
         self.num_cached_tokens = -1  # prompt tokens served from the prefix cache at first admission
+        self.prefix_hit = 0  # tokens served from the prefix cache at its latest admission
         # The last sampled token is never fed back, so the KV never holds more than this.
         self.max_kv_tokens = len(self.prompt_token_ids) + params.max_tokens - 1
 

@@ -322,7 +322,7 @@ class Scheduler:
             self._waiting.popleft()
             req.slot = slot
             req.status = RequestStatus.RUNNING
-            req.num_computed = req.planned_computed = start
+            req.num_computed = req.planned_computed = req.prefix_hit = start
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = start
             kv.queries += req.num_tokens
@@ -581,4 +581,5 @@ class Scheduler:
         for rid, req in self._requests.items():
             assert len(req.output_token_ids) < req.params.max_tokens, f"{rid} should have finished"
             assert self._groups(req.max_kv_tokens) <= self._capacity.nominal, f"{rid} can never fit"
-            assert req.sent or req.num_computed == 0, f"{rid} computed tokens before workers knew it"
+            assert req.sent or req.num_computed == (req.prefix_hit if req.slot is not None else 0), (
+                f"{rid} computed tokens before workers knew it")
