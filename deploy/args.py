@@ -41,6 +41,8 @@ class AppArgs(BaseModel):
     seed: int = 0
     max_queued_requests: int | None = Field(_ENGINE_DEFAULTS["max_queued_requests"], ge=1, description=(
         "Sequences that may wait for a KV slot; past it requests get 429 with Retry-After"))
+    enable_prefix_caching: bool = Field(_ENGINE_DEFAULTS["enable_prefix_caching"], description=(
+        "Serve repeated prompt prefixes from the KV of earlier requests (mapped, not recomputed)"))
     step_timeout_s: float = Field(_ENGINE_DEFAULTS["step_timeout_s"], gt=0, description=(
         "The watchdog: with work but no step finished for this long, /health turns 503"))
     # --- HTTP
@@ -112,7 +114,7 @@ class AppArgs(BaseModel):
             attention_backend=self.attention_backend, placement_strategy=self.placement_strategy,
             accelerator_type=self.accelerator_type, seed=self.seed,
             max_queued_requests=self.max_queued_requests, step_timeout_s=self.step_timeout_s,
-            **self.engine_kwargs)
+            enable_prefix_caching=self.enable_prefix_caching, **self.engine_kwargs)
 
     def deployment_options(self) -> dict[str, Any]:
         """Serve options that were set (unset ones keep Serve's defaults)."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from deploy.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob, Usage
+from deploy.protocol import (ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, PromptTokensDetails, TopLogprob,
+                             Usage)
 
 
 def sse(payload: dict | str) -> str:
@@ -13,9 +14,10 @@ def sse(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens)
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 class TokenText:

@@ -12,8 +12,8 @@ Labels: ``model_name`` (the first served name) on every metric, ``finished_reaso
 Sources: gauges and the preemption and page-group counters come from `engine.stats()`, sampled on
 every scrape and every `stats_interval_s`; token counts and latencies are measured by the HTTP
 layer as outputs stream out. A request with n > 1 counts as n requests, as in vLLM, where each of
-the n sequences is its own engine request. The prefix-cache counters stay at zero: this runtime has
-no prefix caching yet.
+the n sequences is its own engine request. The prefix-cache counters count prompt tokens looked up in
+the cache and those served from it (vLLM's meaning), from `engine.stats()`.
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ _ENGINE_COUNTERS = {
                                  "groups_mapped_total"),
     "vattn:kv_page_group_unmaps": ("KV page groups unmapped since start-up (rate(): the unmap rate).",
                                    "groups_unmapped_total"),
+    "vllm:prefix_cache_queries": ("Prefix cache queries, in terms of number of queried tokens.",
+                                  "prefix_cache_queries"),
+    "vllm:prefix_cache_hits": ("Prefix cache hits, in terms of number of cached tokens.", "prefix_cache_hits"),
 }
 
 
@@ -123,10 +126,6 @@ class ServerMetrics:
                                         "Number of generation tokens processed.")
         self.request_success = metric("counter", "vllm:request_success", "Count of successfully processed "
                                       "requests.", extra_labels=("finished_reason",))
-        self.prefix_cache_queries = metric("counter", "vllm:prefix_cache_queries", "Prefix cache queries, in "
-                                           "tokens (always 0: no prefix caching yet).")
-        self.prefix_cache_hits = metric("counter", "vllm:prefix_cache_hits", "Prefix cache hits, in tokens "
-                                        "(always 0: no prefix caching yet).")
         self.client_aborts = metric("counter", "vattn:client_aborts", "Requests aborted because the client "
                                     "went away.")
         self.ttft = metric("histogram", "vllm:time_to_first_token_seconds", "Histogram of time to first "

@@ -479,7 +479,8 @@ class OpenAIServer:
     def _usage(reqs: list[_EngineRequest]):
         prompt = sum(r.prompt_len for r in reqs)
         completion = sum(r.num_generated for r in reqs)
-        return usage(prompt, completion)
+        cached = sum(r.last.num_cached_tokens for r in reqs if r.last is not None)
+        return usage(prompt, completion, cached)
 
     # ---- operations ---------------------------------------------------------------------------
     async def stats(self, check_integrity: bool = False) -> dict:

@@ -4,7 +4,11 @@ Each plan's `kv_now` / `kv_prefetch` ops are applied to a `KVManager` over `Host
 paging, 4 KiB pages, 4 tokens a page group). The fake model writes each chunk's token ids into the
 K and V views of the slot and samples a checksum of the slot's tokens *read back from those views*,
 so a request only matches its reference generation if its KV data survived every grow, shrink,
-reuse and preemption of every slot. In some scenarios the scheduler is told the pool is larger than
+reuse and preemption of every slot. Prompts often start with one of a few shared prefixes (or repeat
+another prompt whole), so with prefix caching on, slots share physical pages: a request then reads
+KV that another request computed, through its own slot's view, and the worker checks that no
+chunk ever writes a shared page. Pools are small, so cached groups are evicted and requests whose
+prefix is shared are preempted. In some scenarios the scheduler is told the pool is larger than
 it is, so `kv_now` ops fail for real and the recovery path runs. In some scenarios the head plans
 one step ahead (`lookahead`): each plan runs on the worker before the head sees the previous output,
 and decodes feed the worker's own last sample (`PREVIOUS_SAMPLE`), as in the engine's overlapped loop.
@@ -66,6 +70,9 @@ class KVWorker:
             # Checked before touching memory: an unmapped page would fault, not fail the test.
             assert self.kv.mapped_groups(c.slot) >= LAYOUT.groups_for_tokens(c.end), (
                 f"step {plan.step}: slot {c.slot} is not backed up to token {c.end}")
+            first, last = c.start // TOKENS_PER_GROUP, (c.end - 1) // TOKENS_PER_GROUP
+            assert not any(self.kv.is_shared(c.slot, g) for g in range(first, last + 1)), (
+                f"step {plan.step}: {c.req_id} writes a page group shared with another slot")
             token_ids = [self.last_sampled[c.slot]] if c.token_ids == (PREVIOUS_SAMPLE,) else c.token_ids
             ids = torch.tensor(token_ids, dtype=torch.float32)
             k_first[c.slot, c.start:c.end, 0, 0] = ids
@@ -89,7 +96,9 @@ def scenarios(draw):
     config = SchedulerConfig(
         max_num_seqs=draw(st.integers(1, MAX_SLOTS)),
         max_num_batched_tokens=draw(st.sampled_from([3, 8, 16, MAX_MODEL_LEN])) if chunked else MAX_MODEL_LEN,
-        max_model_len=MAX_MODEL_LEN, enable_chunked_prefill=chunked)
+        max_model_len=MAX_MODEL_LEN, enable_chunked_prefill=chunked,
+        enable_prefix_caching=draw(st.sampled_from([True, True, True, False])))
+    prefixes = [[(7 * p + 3 * j + 1) % VOCAB for j in range(24)] for p in range(2)]
     # Every request fits the real pool alone (prompt + max_tokens - 1 tokens of KV at most).
     limit = min(MAX_MODEL_LEN, real_groups * TOKENS_PER_GROUP + 1)
     requests = []
@@ -102,7 +111,15 @@ def scenarios(draw):
             stop_token_ids=draw(st.lists(st.integers(0, VOCAB - 1), max_size=1)))
         eos = tuple(draw(st.lists(st.integers(0, VOCAB - 1), max_size=2)))
         seed = draw(st.integers(0, 1000))
-        requests.append((f"r{i}", [(seed + 13 * j) % VOCAB for j in range(n)], params, eos))
+        tokens = [(seed + 13 * j) % VOCAB for j in range(n)]
+        shared = draw(st.sampled_from(["none", "prefix", "prefix", "repeat"]))
+        if shared == "prefix":  # a shared system prompt of some length, then its own tokens
+            k = draw(st.integers(1, n))
+            tokens = prefixes[draw(st.integers(0, 1))][:k] + tokens[k:]
+        elif shared == "repeat" and requests:  # the same prompt again (n > 1 siblings, a retry)
+            tokens = list(requests[draw(st.integers(0, len(requests) - 1))][1])[:n]
+            tokens += [(seed + j) % VOCAB for j in range(n - len(tokens))]
+        requests.append((f"r{i}", tokens, params, eos))
     events = draw(st.lists(st.one_of(
         st.just(("add", 0)), st.just(("step", 0)), st.just(("step", 0)),
         st.tuples(st.sampled_from(["abort", "finish", "abort_in_flight"]), st.integers(0, 6))),
@@ -111,7 +128,7 @@ def scenarios(draw):
     return real_groups, [real_groups + overstated] + others, config, requests, events, lookahead
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_random_scenarios_against_the_kv_manager(scenario):
     real_groups, capacities, config, requests, events, lookahead = scenario
@@ -158,9 +175,9 @@ def _run(sched, worker, kv, config, requests, events, overstated, lookahead=Fals
             worker.carried += kv.wait_prefetch()
             kv.check_integrity()
             if output.executed and not output.kv_failures and not worker.carried and not in_flight:
-                kv.check_integrity(sched.slot_groups())  # a clean step brings every shard in line
+                kv.check_integrity(sched.slot_group_ids())  # a clean step brings every shard in line
         else:
-            kv.check_integrity(sched.slot_groups())
+            kv.check_integrity(sched.slot_group_ids())
 
     def live(k: int) -> str | None:
         ids = [r[0] for r in requests if r[0] in outputs and r[0] not in finished and r[0] not in ended]

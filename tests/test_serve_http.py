@@ -157,7 +157,7 @@ def test_completion_text_and_usage(client, tokenizer):
     assert body["choices"] == [{"index": 0, "text": "abcde", "logprobs": None, "finish_reason": "length"}]
     prompt_tokens = len(tokenizer.encode("Hi there"))
     assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 5,
-                             "total_tokens": prompt_tokens + 5}
+                             "total_tokens": prompt_tokens + 5, "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_sampling_fields_reach_the_engine(client, engine):
@@ -175,7 +175,7 @@ def test_n_and_batched_prompts_number_choices_like_openai(client, tokenizer):
     assert [(c["index"], c["text"]) for c in body["choices"]] == [(0, "abc"), (1, "bcd"), (2, "abc"), (3, "bcd")]
     prompt_tokens = len(tokenizer.encode("one")) + len(tokenizer.encode("three"))
     assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 12,
-                             "total_tokens": prompt_tokens + 12}
+                             "total_tokens": prompt_tokens + 12, "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_token_id_prompts_are_accepted(client, engine):

@@ -47,6 +47,8 @@ class SchedulerConfig:
     async_scheduling: bool = True
     # Waiting sequences beyond which new requests are refused (QueueFull; HTTP 429); None: no bound.
     max_queued_requests: int | None = None
+    # Share the KV of cached prompt prefixes between requests (see docs/prefix-caching.md).
+    enable_prefix_caching: bool = True
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class EngineArgs:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True  # map cached prompt prefixes instead of recomputing them
     async_scheduling: bool = True
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int | None = None
@@ -151,7 +154,8 @@ class EngineArgs:
                               self.kv_cache_memory_bytes, self.enable_prefetch),
             scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, max_model_len,
                                       self.enable_chunked_prefill, bool(self.async_scheduling),
-                                      max_queued_requests=self.max_queued_requests),
+                                      max_queued_requests=self.max_queued_requests,
+                                      enable_prefix_caching=bool(self.enable_prefix_caching)),
             parallel=ParallelConfig(self.tensor_parallel_size, self.placement_strategy, self.accelerator_type,
                                     bool(self.disable_custom_all_reduce)),
             device=device,

@@ -43,6 +43,7 @@ class _Sequence:
     output: CompletionOutput
     emitted_text: int = 0  # characters of output.text already streamed
     emitted_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @dataclass
@@ -249,6 +250,7 @@ class LLMEngine:
             if seq is None:
                 continue  # aborted while its step was in flight
             req = seq.parent
+            seq.num_cached_tokens = upd.num_cached_tokens
             if upd.new_token_ids and req.first_token is None:
                 req.first_token = now
             ended = self.structured.accept(upd.req_id, upd.new_token_ids)
@@ -325,7 +327,8 @@ class LLMEngine:
                 outs.append(dataclasses.replace(o, token_ids=list(o.token_ids), text=o.text[:visible],
                                                 logprobs=None if o.logprobs is None else list(o.logprobs)))
         metrics = {"arrival_time": req.arrival, "first_token_time": req.first_token}
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, metrics)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, metrics,
+                             req.seqs[0].num_cached_tokens)
 
     @staticmethod
     def _seq_ids(req: _Request):
@@ -338,7 +341,7 @@ class LLMEngine:
         """The scheduler's books and every shard's page tables agree (tests call this)."""
         self.drain()
         self.scheduler.check_integrity()
-        self.executor.check_integrity(self.scheduler.slot_groups())
+        self.executor.check_integrity(self.scheduler.slot_group_ids())
 
     def stats(self) -> dict:
         s = self.scheduler.stats
@@ -348,7 +351,8 @@ class LLMEngine:
         # live token. Computed from the scheduler's books: no round trip to the workers.
         mapped = out["num_groups_mapped"] * self.layout.page_group_bytes
         live = out["live_tokens"] * self.layout.token_bytes * self.layout.num_tensors
-        out["kv_fragmentation"] = 1.0 - live / mapped if mapped else 0.0
+        # Shared prefix groups hold the live tokens of several requests at once: never below 0.
+        out["kv_fragmentation"] = max(0.0, 1.0 - live / mapped) if mapped else 0.0
         return out
 
     def shutdown(self) -> None:

@@ -40,7 +40,7 @@ _MIN_TEMPERATURE = 1e-5  # the sampler's floor for a random row's temperature
 
 
 def _needs_history(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
+    return p.needs_token_history
 
 
 class TokenHistory:

@@ -34,3 +34,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     metrics: dict = field(default_factory=dict)  # arrival/first-token/finish times (time.monotonic)
+    # Prompt tokens served from the prefix cache (a whole number of page groups); with n > 1, those
+    # of the first sequence (the others share its prompt's pages).
+    num_cached_tokens: int = 0

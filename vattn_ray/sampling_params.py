@@ -114,6 +114,11 @@ class SamplingParams:
                     or self.min_p or self.logit_bias or self.min_tokens)
 
     @property
+    def needs_token_history(self) -> bool:
+        """Whether penalties read the request's earlier tokens on the worker (prompt and output)."""
+        return bool(self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty)
+
+    @property
     def greedy(self) -> bool:
         return float(self.temperature) == 0.0
 

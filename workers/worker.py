@@ -229,7 +229,9 @@ class Worker:
         return PendingStep(plan.step, self._tag(failures), readout=readout)
 
     def _shrinks(self, ops: tuple[KVOp, ...]) -> bool:
-        return any(op.num_groups < self.kv.mapped_groups(op.slot) for op in ops)
+        # A sharing op may unmap the slot's own groups before it maps the shared ones.
+        return any(op.num_groups < self.kv.mapped_groups(op.slot)
+                   or (op.share_from >= 0 and self.kv.mapped_groups(op.slot)) for op in ops)
 
     def _wait_device(self) -> None:
         if self.device.type == "cuda":

@@ -158,6 +158,9 @@ class VattnSystem:
     def __init__(self, stats_interval: float = 0.05, **llm_kwargs) -> None:
         from vattn_ray import LLM
 
+        # The decode-latency job sends the same prompts twice: a prefix-cache hit would skip the
+        # second prefill. Off unless a run asks for it (the vLLM peer runs with it off too).
+        llm_kwargs.setdefault("enable_prefix_caching", False)
         t0 = time.perf_counter()
         self.llm = LLM(**llm_kwargs)
         self.engine_start_s = time.perf_counter() - t0

@@ -19,7 +19,7 @@ Measurements: warmup {"seconds"}; throughput {"seconds", "requests", "prompt_tok
 "output_tokens"} of one timed `generate`; decode_latency {"seconds_short" (max_tokens=lead_steps+1),
 "seconds_long" (max_tokens=lead_steps+steps+1), "output_tokens_short", "output_tokens_long"}.
 Prefix caching is off: the decode-latency method sends the same prompts twice, and a cache hit
-would skip the second prefill (the project's engine has no prefix cache either).
+would skip the second prefill (the project's engine runs with it off too: bench/vattn_system.py).
 """
 
 from __future__ import annotations

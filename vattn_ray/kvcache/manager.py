@@ -7,6 +7,11 @@ backend calls: no allocation of pages (the pool is filled at start-up), no loggi
 Page group `j` of slot `s` is page `j` of slot `s` in every virtual tensor. The manager decides
 nothing: which slot grows or shrinks, and when, is the scheduler's call; an op the pool cannot
 serve comes back as a `KVFailure` with nothing mapped.
+
+Prefix sharing: an op with `share_from` maps another slot's pages at this slot's range too (the
+same physical page at two virtual addresses, `cuMemMap` of one handle twice on CUDA, two `mmap`s
+of one memfd offset on the host). Each page counts its mappings and goes back to the pool when the
+last one is unmapped.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ class KVManager:
         self._groups_mapped = self._groups_unmapped = 0
         self._map_s = self._unmap_s = 0.0
         self._pool = PagePool(memory, num_page_groups * layout.num_tensors)
+        self._refs = [0] * self._pool.num_pages  # page id -> slots mapping it
         try:
             for _ in range(layout.num_tensors):
                 self._bases.append(memory.reserve(layout.tensor_bytes))
@@ -171,9 +177,10 @@ class KVManager:
     def _validate(self, ops: Sequence[KVOp]) -> None:
         limit = self.layout.pages_per_slot
         for op in ops:
-            if not 0 <= op.slot < self.layout.max_slots or not 0 <= op.num_groups <= limit:
-                raise ValueError(f"invalid {op}: slot must be in [0, {self.layout.max_slots}) and "
-                                 f"num_groups in [0, {limit}]")
+            if (not 0 <= op.slot < self.layout.max_slots or not 0 <= op.num_groups <= limit
+                    or not -1 <= op.share_from < self.layout.max_slots or op.share_from == op.slot):
+                raise ValueError(f"invalid {op}: slot must be in [0, {self.layout.max_slots}), "
+                                 f"num_groups in [0, {limit}] and share_from -1 or another slot")
 
     def _apply_ops(self, ops: Sequence[KVOp]) -> list[KVFailure]:
         failures: list[KVFailure] = []
@@ -181,7 +188,14 @@ class KVManager:
         for op in ops:
             with self._lock:
                 have = len(self._slots[op.slot])
-                if op.num_groups > have:
+                if op.share_from >= 0:
+                    if not synced and have:
+                        self.memory.synchronize()  # as below: it may unmap pages kernels still read
+                        synced = True
+                    failure = self._share(op)
+                    if failure is not None:
+                        failures.append(failure)
+                elif op.num_groups > have:
                     failure = self._grow(op, have)
                     if failure is not None:
                         failures.append(failure)
@@ -206,6 +220,8 @@ class KVManager:
             return KVFailure(self.rank, op.slot, op.num_groups, reason)
         start = time.perf_counter()
         ids = self._pool.take(n * num_t)
+        for pid in ids:
+            self._refs[pid] = 1
         handles, page, mapped = self._pool.handles, self.layout.page_bytes, []
         try:
             for t in range(num_t):
@@ -217,6 +233,8 @@ class KVManager:
         except BaseException:
             for va in mapped:  # leave the slot as it was, then report the backend error
                 self.memory.unmap(va, page)
+            for pid in ids:
+                self._refs[pid] = 0
             self._pool.give(ids)
             raise
         self._slots[op.slot].extend(ids[j * num_t:(j + 1) * num_t] for j in range(n))
@@ -229,12 +247,65 @@ class KVManager:
         n = have - want
         for t in range(self.layout.num_tensors):
             self.memory.unmap(self._slot_va(t, slot, want), n * self.layout.page_bytes)
-        groups = self._slots[slot]
+        groups, refs = self._slots[slot], self._refs
         for group in groups[want:]:
-            self._pool.give(group)
+            for pid in group:
+                refs[pid] -= 1
+                if not refs[pid]:
+                    self._pool.give((pid,))
         del groups[want:]
         self._groups_unmapped += n
         self._unmap_s += time.perf_counter() - start
+
+    def _share(self, op: KVOp) -> KVFailure | None:
+        """Make `op.slot` hold exactly the first `op.num_groups` page groups of `op.share_from`."""
+        mine, theirs = self._slots[op.slot], self._slots[op.share_from]
+        if len(theirs) < op.num_groups:
+            reason = (f"slot {op.share_from} holds {len(theirs)} page groups, {op.num_groups} were to be "
+                      f"shared with slot {op.slot}")
+            self._log.info("KV op failed: %s", reason)
+            return KVFailure(self.rank, op.slot, op.num_groups, reason)
+        common = 0
+        while common < min(len(mine), op.num_groups) and mine[common] == theirs[common]:
+            common += 1
+        if common < len(mine):
+            self._shrink(op.slot, len(mine), common)
+        n = op.num_groups - common
+        if n <= 0:
+            return None
+        start = time.perf_counter()
+        handles, page, num_t = self._pool.handles, self.layout.page_bytes, self.layout.num_tensors
+        mapped = []
+        try:
+            for t in range(num_t):
+                va0 = self._slot_va(t, op.slot, common)
+                for j in range(n):
+                    self.memory.map(va0 + j * page, handles[theirs[common + j][t]])
+                    mapped.append(va0 + j * page)
+                self.memory.set_access(va0, n * page)
+        except BaseException:
+            for va in mapped:
+                self.memory.unmap(va, page)
+            raise
+        for group in theirs[common:op.num_groups]:
+            for pid in group:
+                self._refs[pid] += 1
+            mine.append(group)  # the same list of page ids: groups are never changed in place
+        self._groups_mapped += n
+        self._map_s += time.perf_counter() - start
+        return None
+
+    def is_shared(self, slot: int, group: int) -> bool:
+        """Whether page group `group` of `slot` is mapped in another slot too."""
+        with self._lock:
+            groups = self._slots[slot]
+            return group < len(groups) and self._refs[groups[group][0]] > 1
+
+    def shares_pages(self, slot: int, other: int, group: int) -> bool:
+        """Whether page group `group` of two slots is the same physical memory."""
+        with self._lock:
+            a, b = self._slots[slot], self._slots[other]
+            return group < len(a) and group < len(b) and a[group] == b[group]
 
     # -- accounting -----------------------------------------------------------------------------
     def free_groups(self) -> int:
@@ -247,12 +318,16 @@ class KVManager:
         with self._lock:
             return len(self._slots[slot])
 
-    def check_integrity(self, expected: Mapping[int, int] | None = None) -> None:
-        """Raise AssertionError unless pool, mappings and `expected` (slot -> groups) agree."""
+    def check_integrity(self, expected: Mapping[int, int | Sequence[int]] | None = None) -> None:
+        """Raise AssertionError unless pool, mappings, reference counts and `expected` agree.
+
+        `expected` maps a slot to its number of page groups, or to the scheduler's ids of them:
+        then slots must share a physical page group exactly where the scheduler's ids are equal.
+        """
         self._join()
         num_t, lay = self.layout.num_tensors, self.layout
         with self._lock:
-            in_use: list[int] = []
+            counts: dict[int, int] = {}
             for slot, groups in enumerate(self._slots):
                 if len(groups) > lay.pages_per_slot:
                     raise AssertionError(f"slot {slot} has {len(groups)} page groups, more than "
@@ -261,28 +336,44 @@ class KVManager:
                     if len(group) != num_t:
                         raise AssertionError(f"slot {slot} has a page group of {len(group)} pages, "
                                              f"not {num_t}")
-                    in_use.extend(group)
+                    for pid in group:
+                        counts[pid] = counts.get(pid, 0) + 1
+            for pid, refs in enumerate(self._refs):
+                if refs != counts.get(pid, 0):
+                    raise AssertionError(f"page {pid} counts {refs} mappings but {counts.get(pid, 0)} "
+                                         "slots map it")
+            in_use = list(counts)
             self._pool.check_integrity(in_use)
             mapped = len(in_use) // num_t
-            if self._pool.num_free % num_t or mapped + self._pool.num_free // num_t != self.num_page_groups:
+            if len(in_use) % num_t or self._pool.num_free % num_t or mapped + self._pool.num_free // num_t != self.num_page_groups:
                 raise AssertionError(f"{mapped} mapped + {self._pool.num_free} free pages / {num_t} "
                                      f"!= {self.num_page_groups} page groups")
             if expected is not None:
                 for slot in expected:
                     if not 0 <= slot < lay.max_slots:
                         raise AssertionError(f"expected names slot {slot}, outside [0, {lay.max_slots})")
+                ids: dict[object, tuple[int, ...]] = {}  # scheduler id -> page group, one to one
                 for slot, groups in enumerate(self._slots):
                     want = expected.get(slot, 0)
-                    if len(groups) != want:
+                    gids = None if isinstance(want, int) else tuple(want)
+                    n = len(gids) if gids is not None else want
+                    if len(groups) != n:
                         raise AssertionError(f"slot {slot} has {len(groups)} page groups mapped, "
-                                             f"the scheduler expects {want}")
+                                             f"the scheduler expects {n}")
+                    for j, gid in enumerate(gids or ()):
+                        group = tuple(groups[j])
+                        if ids.setdefault(gid, group) != group:
+                            raise AssertionError(f"group {j} of slot {slot} is not the page group the "
+                                                 f"scheduler shares as id {gid}")
+                if len(set(ids.values())) != len(ids):
+                    raise AssertionError("two page groups the scheduler keeps apart are one on this shard")
 
     def stats(self, live_tokens: Mapping[int, int] | None = None) -> KVStats:
         """Pool occupancy and mapping counters; `live_tokens` (slot -> tokens) adds live bytes."""
         lay = self.layout
         with self._lock:
-            mapped = sum(len(g) for g in self._slots)
             free = self._pool.num_free // lay.num_tensors
+            mapped = self.num_page_groups - free  # distinct groups: a shared one counts once
             live = None
             if live_tokens is not None:
                 live = sum(live_tokens.values()) * lay.token_bytes * lay.num_tensors

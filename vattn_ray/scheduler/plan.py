@@ -23,11 +23,18 @@ PREVIOUS_SAMPLE = -1
 class KVOp:
     """After this op, `slot` is backed by exactly `num_groups` page groups (grow, shrink or free).
 
-    Idempotent by construction, so every shard applying the same op ends in the same state.
+    With `share_from >= 0` (prefix sharing), those groups are the very page groups backing the
+    first `num_groups` groups of slot `share_from`: each physical page is then mapped at both
+    virtual ranges, and freed only when its last mapping goes. A slot's groups that already are
+    the source's stay; the rest of it is unmapped first.
+
+    Idempotent by construction, so every shard applying the same ops ends in the same state (the
+    same slots share the same page groups on every shard).
     """
 
     slot: int
     num_groups: int
+    share_from: int = -1
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,7 @@ class RequestUpdate:
     finished: bool
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | None = None  # the stop token id that ended it (None for EOS or length)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (page-group aligned)
 
 
 class Request:
@@ -46,7 +47,8 @@ class Request:
 
     __slots__ = ("req_id", "prompt_token_ids", "params", "eos_token_ids", "output_token_ids",
                  "status", "slot", "num_computed", "num_tokens", "sent", "seq_no", "max_kv_tokens",
-                 "scheduled_step", "planned_computed", "planned_tokens", "epoch")
+                 "scheduled_step", "planned_computed", "planned_tokens", "epoch", "block_hashes",
+                 "num_cached_tokens", "prefix_hit")
 
     def __init__(self, req_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
                  eos_token_ids: Collection[int], seq_no: int) -> None:
@@ -67,6 +69,9 @@ class Request:
         self.planned_computed = 0
         self.planned_tokens = self.num_tokens
         self.epoch = 0  # bumped on preemption: results of plans from an older epoch are stale
+        self.block_hashes: list[bytes] = []  # prefix-cache keys of its full page groups, as computed
+        self.num_cached_tokens = -1  # prompt tokens served from the prefix cache at first admission
+        self.prefix_hit = 0  # tokens served from the prefix cache at its latest admission
         # The last sampled token is never fed back, so the KV never holds more than this.
         self.max_kv_tokens = len(self.prompt_token_ids) + params.max_tokens - 1
 

@@ -1,5 +1,8 @@
 """The head scheduler: continuous batching over KV slots, one `StepPlan` per step.
 
+Request-level policy lives here (what runs, in which order, who is preempted); page-group policy
+(slot choice, prefix sharing, reclaiming) in `kv_policy.py`, and the books it keeps in `books.py`.
+
 Hot path: `schedule()` and `update()` run once per model step for every running request; keep the
 per-request work O(1) (no scans of the queues inside per-request loops).
 
@@ -14,14 +17,16 @@ still computes one more token for it simply has that result ignored; its slot's 
 shrunk by a later plan, which a worker applies after the earlier steps' device work is done.
 
 KV accounting and failures (see `update` and `_recover`):
-- `SlotTable.mapped` is what every shard will hold once all emitted ops are applied.
+- `PageGroupBooks` is what every shard will hold once all emitted ops are applied.
 - Prefetch ops are hints: a shard may not have applied them yet (or failed to). Every slot whose
   shard state is not known to equal the table is *re-asserted*: the next plan's `kv_now` carries
   `KVOp(slot, mapped)` again. Ops are idempotent, so a healthy shard does nothing, and a shard that
   missed a prefetch maps the groups before the step computes, or reports a `kv_now` failure.
 - A step whose `kv_now` failed on some shard (`executed=False`) ran nowhere: no tokens, no progress.
   Every slot that plan touched is re-asserted next step; each failed slot is forced to 0 groups and
-  its owner preempted (recomputed later, generated tokens kept); the capacity estimate drops below
+  its owner preempted (recomputed later, generated tokens kept), and so is every slot the plan
+  restructured (truncated for reuse or aliased to another slot's prefix: a shard may not have done
+  it, and a count alone cannot re-assert it); the capacity estimate drops below
   the total that could not be mapped. Capacity thus strictly decreases on repeated failures, so the
   scheduler converges to what the shards really hold instead of failing forever.
 """
@@ -36,10 +41,9 @@ from dataclasses import dataclass
 from vattn_ray.config import SchedulerConfig
 from vattn_ray.layout import KVLayout
 from vattn_ray.sampling_params import SamplingParams
-from vattn_ray.scheduler.capacity import CapacityProbe
+from vattn_ray.scheduler.kv_policy import KVPolicy, KVStep
 from vattn_ray.scheduler.plan import PREVIOUS_SAMPLE, KVOp, NewRequest, SeqChunk, StepOutput, StepPlan
 from vattn_ray.scheduler.request import QueueFull, Request, RequestRejected, RequestStatus, RequestUpdate
-from vattn_ray.scheduler.slots import SlotTable
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +69,9 @@ class SchedulerStats:
     live_tokens: int = 0  # tokens in the KV cache of running requests
     groups_mapped_total: int = 0  # page groups the shards were told to map since start-up
     groups_unmapped_total: int = 0
-
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (vLLM's meaning)
+    prefix_cache_hits: int = 0  # ... of them served from it
+    num_groups_shared: int = 0  # page groups mapped in more than one slot now
 
 
 @dataclass
@@ -76,17 +82,18 @@ class _InFlight:
     upper: dict[int, int]  # slot -> most groups its shards may hold while the plan is applied
     epochs: dict[str, int]  # request id -> its epoch when the plan was built
     total_mapped: int  # page groups the shards hold once the plan is applied
+    structural: frozenset[int]  # slots the plan truncated for reuse or aliased
 
 
 class _Step:
     """Scratch state while one plan is built."""
 
-    __slots__ = ("step", "budget", "touched", "seqs", "new_requests")
+    __slots__ = ("step", "budget", "kv", "seqs", "new_requests")
 
     def __init__(self, step: int, budget: int) -> None:
         self.step = step  # requests scheduled in it carry `scheduled_step == step`
         self.budget = budget
-        self.touched: dict[int, int] = {}  # slot -> groups on the shards before this plan (upper bound)
+        self.kv = KVStep()
         self.seqs: list[tuple[Request, SeqChunk]] = []
         self.new_requests: list[NewRequest] = []
 
@@ -120,8 +127,10 @@ class Scheduler:
         self.config = config
         self.layout = layout
         self._annotate_chunks = annotate_chunks
-        self._slots = SlotTable(config.max_num_seqs, min(caps))
-        self._capacity = CapacityProbe(min(caps))  # lowered estimates are raised again later
+        self._kv = KVPolicy(layout, config.max_num_seqs, min(caps), config.enable_prefix_caching)
+        self._slots = self._kv.books
+        self._capacity = self._kv.probe
+        self._reassert = self._kv.reassert  # slot -> most groups its shards may hold
         self._tb = layout.token_bytes
         self._pb = layout.page_bytes
         self._requests: dict[str, Request] = {}  # every unfinished request
@@ -129,7 +138,6 @@ class Scheduler:
         self._running: dict[str, Request] = {}  # in admission order: the last is preempted first
         self._to_release: list[str] = []  # finished ids to announce in the next plan
         self._releasing: set[str] = set()  # ... and those announced in the plan in flight
-        self._reassert: dict[int, int] = {}  # slot -> most groups its shards may hold
         self._in_flight: deque[_InFlight] = deque()  # oldest first; at most two
         self._draining = False  # a plan did not run: the one behind it will not either
         self._step = 0
@@ -224,19 +232,14 @@ class Scheduler:
             reassert = dict(reassert)
             for op in self._in_flight[-1].plan.kv_prefetch:
                 reassert[op.slot] = max(reassert.get(op.slot, 0), op.num_groups)
-        st.touched.update(reassert)
+        st.kv.touched.update(reassert)
         running = list(self._running.values())
         self._schedule_decodes(st, running)
         self._schedule_running_prefills(st, running)
         self._schedule_waiting(st)
 
-        touched = st.touched
-        now = [KVOp(s, slots.mapped[s]) for s, before in touched.items()
-               if slots.mapped[s] != before or s in reassert]
-        # Shrinks before grows, so every shard returns pages to its pool before it takes new ones.
-        now.sort(key=lambda op: op.num_groups >= touched[op.slot])
-        upper = {s: max(before, slots.mapped[s]) for s, before in touched.items()}
-        prefetch = self._plan_prefetch(st, upper)
+        now, upper = self._kv.ops_now(st.kv, reassert)
+        prefetch = self._kv.prefetch(st.seqs, upper)
         seqs = tuple(chunk for _, chunk in st.seqs)
         if self._annotate_chunks is not None and seqs:
             seqs = self._annotate_chunks(seqs)
@@ -247,7 +250,7 @@ class Scheduler:
         if plan.seqs or plan.kv_now or plan.kv_prefetch or plan.finished:
             # An empty plan changes nothing anywhere: the engine may skip it (and its update()).
             self._in_flight.append(_InFlight(plan, upper, {r.req_id: r.epoch for r, _ in st.seqs},
-                                             slots.total_mapped))
+                                             slots.total_mapped, frozenset(op.slot for op in st.kv.structural)))
             self._step += 1
         return plan
 
@@ -300,53 +303,47 @@ class Scheduler:
                 self._add_chunk(st, req, start, start + n)
 
     def _schedule_waiting(self, st: _Step) -> None:
-        slots = self._slots
+        slots, kv = self._slots, self._kv
         while self._waiting and st.budget > 0 and slots.has_unowned():
             req = self._waiting[0]
-            n = req.num_tokens
+            groups, src = kv.lookup(req)
+            if kv.computing_elsewhere(req, groups, lambda: list(self._running.values())):
+                return  # FCFS: wait for a running request to compute the same prefix, then share it
+            start = groups * kv.tokens_per_group
+            n = req.num_tokens - start
             if n > st.budget:
                 if not self.config.enable_chunked_prefill:
                     return  # FCFS: the head waits for a step with room for its whole prompt
                 n = st.budget
-            slot = slots.best_fit(self._groups(req.num_tokens))
-            extra = self._groups(n) - slots.mapped[slot]
-            if extra > slots.free_groups + slots.idle_groups - slots.mapped[slot]:
-                return  # no preemption for admissions: running requests finish and free pages
+            # No preemption for admissions: running requests finish and free pages.
+            slot = kv.place(st.kv, req, groups, src, start + n)
+            if slot is None:
+                return
             self._waiting.popleft()
-            slots.assign(slot, req.req_id)
             req.slot = slot
             req.status = RequestStatus.RUNNING
+            req.num_computed = req.planned_computed = req.prefix_hit = start
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = start
+            kv.queries += req.num_tokens
+            kv.hits += start
             self._running[req.req_id] = req
-            reserved = self._reserve(st, req, n, _NO_PREEMPT)
-            assert reserved, "admission check and reservation disagree"
-            self._add_chunk(st, req, 0, n)
+            self._add_chunk(st, req, start, start + n)
 
     def _reserve(self, st: _Step, req: Request, num_tokens: int, mode: int) -> bool:
-        """Back tokens [0, num_tokens) of `req`'s slot, reclaiming idle slots and preempting per `mode`.
+        """Back tokens [0, num_tokens) of `req`'s slot, reclaiming idle groups and preempting per `mode`.
 
         False if it cannot (then `req` is not scheduled this step; with _PREEMPT_ANY it may have
         been preempted itself).
         """
-        slots = self._slots
-        need = self._groups(num_tokens)
-        extra = need - slots.mapped[req.slot]
-        if extra <= 0:
-            return True
-        while slots.free_groups < extra:
-            idle = slots.largest_idle()
-            if idle is not None:
-                self._set_groups(st, idle, 0)
-                continue
-            if mode == _NO_PREEMPT:
-                return False
+        def preempt() -> bool:
             victim = self._victim(st, req, mode)
             if victim is None:
                 return False
             self._preempt(victim, st)
-            if victim is req:
-                return False
-        self._set_groups(st, req.slot, need)
-        return True
+            return victim is not req
+
+        return self._kv.reserve(st.kv, req.slot, num_tokens, None if mode == _NO_PREEMPT else preempt)
 
     def _victim(self, st: _Step, req: Request, mode: int) -> Request | None:
         """The newest running request admitted after `req` and not scheduled yet; else `req`
@@ -369,29 +366,6 @@ class Scheduler:
         if not req.sent:
             st.new_requests.append(NewRequest(req.req_id, req.params, tuple(sorted(req.eos_token_ids))))
             req.sent = True
-
-    def _plan_prefetch(self, st: _Step, upper: dict[int, int]) -> list[KVOp]:
-        """Grow slots for the next step from free groups only (never reclaiming or preempting)."""
-        slots = self._slots
-        ops: list[KVOp] = []
-        if slots.free_groups <= 0:
-            return ops
-        tb, pb, mapped = self._tb, self._pb, slots.mapped
-        for req, chunk in st.seqs:
-            n = len(chunk.token_ids)
-            if chunk.sample:
-                nxt = chunk.start + n + 1  # next step decodes the token sampled now
-                if nxt > req.max_kv_tokens:
-                    continue  # it finishes by length with this token
-            else:
-                nxt = min(req.num_tokens, chunk.start + 2 * n)
-            need = -(-nxt * tb // pb)
-            extra = need - mapped[chunk.slot]
-            if 0 < extra <= slots.capacity - slots.total_mapped:
-                slots.set_groups(chunk.slot, need)
-                upper[chunk.slot] = max(upper.get(chunk.slot, 0), need)
-                ops.append(KVOp(chunk.slot, need))
-        return ops
 
     # ---------------------------------------------------------------- results
 
@@ -429,6 +403,7 @@ class Scheduler:
                 continue  # aborted, finished or preempted while the step ran: its result is stale
             assert req.num_computed == chunk.start, f"{req.req_id}: chunk does not continue its KV"
             req.num_computed = chunk.end
+            self._kv.register(req, chunk.start, chunk.end)
             if not chunk.sample:
                 continue
             tok = sampled.get(req.req_id)
@@ -437,10 +412,12 @@ class Scheduler:
             req.append_output(tok.token_id)
             stop = req.stop_after(tok.token_id, max_model_len)
             if stop is None:
-                updates.append(RequestUpdate(req.req_id, [tok.token_id], [tok], False))
+                updates.append(RequestUpdate(req.req_id, [tok.token_id], [tok], False,
+                                             num_cached_tokens=req.num_cached_tokens))
             else:
                 self._finish(req)
-                updates.append(RequestUpdate(req.req_id, [tok.token_id], [tok], True, stop[0], stop[1]))
+                updates.append(RequestUpdate(req.req_id, [tok.token_id], [tok], True, stop[0], stop[1],
+                                             req.num_cached_tokens))
         return updates
 
     def _recover(self, flight: _InFlight, output: StepOutput) -> list[RequestUpdate]:
@@ -465,17 +442,19 @@ class Scheduler:
         for slot, upper in flight.upper.items():
             self._reassert[slot] = max(self._reassert.get(slot, 0), upper)
         failed = {f.slot for f in output.kv_failures}
+        # The failed slots' contents are unknown, and so are the restructured ones' (a count does
+        # not say which pages): recompute their requests from scratch (newest first, so FCFS order
+        # survives at the head of the waiting queue).
+        unsure = failed | flight.structural
+        for req in reversed(list(self._running.values())):
+            if req.slot in unsure:
+                self._preempt(req, None)
+        for slot in unsure:
+            if 0 <= slot < self._slots.num_slots:
+                self._set_groups(None, slot, 0)
         if not failed:
             return []
         total_planned = flight.total_mapped  # what the shards were asked to hold (not a later plan's)
-        # The failed slots' contents are unknown: recompute their requests from scratch (newest
-        # first, so FCFS order survives at the head of the waiting queue).
-        for req in reversed(list(self._running.values())):
-            if req.slot in failed:
-                self._preempt(req, None)
-        for slot in failed:
-            if 0 <= slot < self._slots.num_slots:
-                self._set_groups(None, slot, 0)
         estimate = self._capacity.failed(max(0, min(self._slots.capacity, total_planned - 1)))
         return self._shrink_capacity(estimate)
 
@@ -497,10 +476,7 @@ class Scheduler:
             logger.warning("KV capacity estimate %d -> %d page groups", slots.capacity, capacity)
         slots.capacity = capacity
         while slots.total_mapped > capacity:
-            idle = slots.largest_idle()
-            if idle is not None:
-                self._set_groups(None, idle, 0)
-            else:
+            if not self._kv.reclaim(None):
                 self._preempt(next(reversed(self._running.values())), None)
         updates = []
         # Only what the shards hold for good (not a lowered estimate) makes a request impossible.
@@ -519,18 +495,17 @@ class Scheduler:
 
     def _set_groups(self, st: _Step | None, slot: int, num_groups: int) -> None:
         """Change a slot's accounted groups; outside a step (st None) the next plan re-asserts it."""
-        if st is not None:
-            st.touched.setdefault(slot, self._slots.mapped[slot])
-        else:
-            self._reassert[slot] = max(self._reassert.get(slot, 0), self._slots.mapped[slot])
-        self._slots.set_groups(slot, num_groups)
+        self._kv.set_groups(None if st is None else st.kv, slot, num_groups)
 
     def _preempt(self, req: Request, st: _Step | None) -> None:
         """Recompute later: free the slot's pages, keep generated tokens, back to the queue head."""
         slot = req.slot
         del self._running[req.req_id]
         self._slots.release(slot)
-        self._set_groups(st, slot, 0)
+        if not self._kv.caching:
+            self._set_groups(st, slot, 0)
+        # With the cache on the slot keeps its groups, idle: its computed groups serve the
+        # recompute, and reclaiming takes them (last prefix last) only as far as space is needed.
         req.slot = None
         req.num_computed = 0
         req.reset_plan()
@@ -560,13 +535,18 @@ class Scheduler:
         """Page groups backing every slot once all emitted ops are applied (0 for empty slots)."""
         return dict(enumerate(self._slots.mapped))
 
+    def slot_group_ids(self) -> dict[int, tuple[int, ...]]:
+        """The same, as the head's group ids: slots naming one id must share one page group."""
+        return {s: tuple(g) for s, g in enumerate(self._slots.groups)}
+
     @property
     def stats(self) -> SchedulerStats:
         s = self._slots
         return SchedulerStats(len(self._running), len(self._waiting), self._num_preemptions, s.total_mapped,
                               s.free_groups, s.idle_groups, s.capacity, self._step, self._num_kv_failures,
                               sum(r.num_computed for r in self._running.values()),
-                              s.groups_mapped_total, s.groups_unmapped_total)
+                              s.groups_mapped_total, s.groups_unmapped_total, self._kv.queries, self._kv.hits,
+                              sum(1 for h in s.holders.values() if len(h) > 1))
 
     def check_integrity(self) -> None:
         """Raise AssertionError if queues, slot table and page accounting disagree."""
@@ -594,7 +574,12 @@ class Scheduler:
                 f"{rid}: {req.pending_samples} pending samples with {len(self._in_flight)} plans in flight")
             assert slots.mapped[req.slot] >= self._groups(req.planned_computed), (
                 f"{rid}: {req.planned_computed} planned tokens but slot {req.slot} has {slots.mapped[req.slot]} groups")
+            # Shared pages are never written: every group it may still write is its own.
+            first = req.num_computed * self._tb // self._pb
+            for j, gid in enumerate(slots.groups[req.slot][first:], first):
+                assert len(slots.holders[gid]) == 1, f"{rid} will write group {j} of slot {req.slot}, which is shared"
         for rid, req in self._requests.items():
             assert len(req.output_token_ids) < req.params.max_tokens, f"{rid} should have finished"
             assert self._groups(req.max_kv_tokens) <= self._capacity.nominal, f"{rid} can never fit"
-            assert req.sent or req.num_computed == 0, f"{rid} computed tokens before workers knew it"
+            assert req.sent or req.num_computed == (req.prefix_hit if req.slot is not None else 0), (
+                f"{rid} computed tokens before workers knew it")
