@@ -7,6 +7,7 @@ restored layers travel over a real two-member gloo group between them.
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -15,7 +16,8 @@ from torch import nn
 
 from vattn_ray import LLM, SamplingParams
 from vattn_ray.config import EngineArgs
-from vattn_ray.elastic import ElasticConfig, ElasticCoordinator, ElasticPair, ReplicaLoad
+from vattn_ray.elastic import (ElasticConfig, ElasticCoordinator, ElasticPair, ReplicaLoad,
+                               start_coordinator)
 from vattn_ray.elastic.pages import DevicePages, HeldPool
 from vattn_ray.elastic.weights import PagedWeights
 from vattn_ray.kvcache.host import HostVMM
@@ -144,11 +146,18 @@ def test_merge_and_split_mid_run_keep_greedy_outputs(ckpt, reference):
         pair.shutdown()
 
 
-def test_burst_merges_then_splits_by_policy(ckpt, reference):
+@pytest.mark.parametrize("where", ["in-process", "ray-actor"])
+def test_burst_merges_then_splits_by_policy(ckpt, reference, where):
     prompts, want = reference
     cfg = ElasticConfig(merge_kv_usage=0.6, split_kv_usage=0.5, falling_checks=2, check_interval_s=0.0,
                         min_merged_s=0.0, min_split_s=0.0)
-    pair = ElasticPair(EngineArgs(model=ckpt, **ENGINE), cfg)
+    coordinator = None
+    if where == "ray-actor":
+        import ray
+
+        ray.init(num_cpus=1, include_dashboard=False)
+        coordinator = start_coordinator(cfg, name="elastic-test")
+    pair = ElasticPair(EngineArgs(model=ckpt, **ENGINE), cfg, coordinator=coordinator)
     try:
         done = _run(pair, prompts)
         assert [done[f"r{i}"] for i in range(len(prompts))] == want
@@ -159,6 +168,32 @@ def test_burst_merges_then_splits_by_policy(ckpt, reference):
         pair.check_integrity()
     finally:
         pair.shutdown()
+        if coordinator is not None:
+            ray.shutdown()
+
+
+def test_bench_smoke(ckpt, tmp_path):
+    """The bursty-trace benchmark at tiny scale: both passes serve every request, the elastic one
+    merges and splits, and the JSON has what the GPU run reports."""
+    from vattn_ray.bench import elastic as bench
+
+    out = tmp_path / "elastic.json"
+    assert bench.main(["--model", ckpt, "--device", "cpu", "--dtype", "float32", "--page-bytes", str(PAGE),
+                       "--max-model-len", "256", "--max-num-seqs", "16", "--max-num-batched-tokens", "512",
+                       "--kv-cache-memory-bytes", str(40 * 2 * PAGE), "--rate", "3", "--bursts", "1",
+                       "--burst-s", "2", "--duration-s", "4", "--drain-s", "60", "--input-len", "60",
+                       "--output-len", "100", "--check-interval-s", "0.05", "--min-state-s", "0.2",
+                       "--merge-usage", "0.6", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for side in ("with_elasticity", "without_elasticity"):
+        r = result[side]
+        assert r["sent"] == r["completed"] == result["requests_in_trace"] > 0
+        for key in ("ttft_p99_burst_ms", "ttft_p50_burst_ms", "output_tokens_per_s"):
+            assert r[key] > 0, (side, key)
+    assert result["without_elasticity"]["merges"] == 0
+    w = result["with_elasticity"]
+    assert w["merges"] >= 1 and w["splits"] >= 1 and len(w["restore_s"]) == w["splits"]
+    assert w["kv_tokens_merged"][0] > w["kv_tokens_before_merge"][0]
 
 
 def test_requests_that_cannot_fit_a_replica_are_refused(ckpt):

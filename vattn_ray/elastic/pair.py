@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ class ElasticPair:
         self.events: list[dict] = []
         self._threads = ThreadPoolExecutor(2, thread_name_prefix="elastic-pair")
         self._next_check = 0.0
+        self._retired_preemptions = 0  # preemptions counted by heads of earlier merges
         try:
             for _ in range(2):
                 executor = None
@@ -176,8 +178,15 @@ class ElasticPair:
         return touched
 
     def loads(self) -> list[ReplicaLoad]:
-        """Each live engine's KV load (the head's alone while merged)."""
-        return [self._load_of(e) for e in self._engines()]
+        """Each replica's KV load; while merged, the head's load in the units of the two replicas
+        it would split into (their page groups, their total capacity), so that "usage below the
+        split threshold" means the split replicas would be that full."""
+        if self.head is None:
+            return [self._load_of(e) for e in self.replicas]
+        load = self._load_of(self.head)
+        scale = self.head.layout.tokens_per_group / self.layout.tokens_per_group
+        return [ReplicaLoad(2 * self.replica_groups, math.ceil(load.used_groups * scale),
+                            math.ceil(load.waiting_groups * scale))]
 
     def _least_loaded(self) -> LLMEngine:
         def room(e: LLMEngine) -> int:
@@ -236,6 +245,7 @@ class ElasticPair:
         start = time.perf_counter()
         head, before = self.head, self.head.scheduler.stats.capacity_groups
         moving = self._collect([head])
+        self._retired_preemptions += head.scheduler.stats.num_preemptions
         head.shutdown()
         self.head = None
         results = self._both(lambda e: e.executor.run_on_workers(stage_fns.split))
@@ -279,6 +289,16 @@ class ElasticPair:
             out += e.executor.run_on_workers(stage_fns.check, e.scheduler.slot_groups())
         return out
 
+    def set_policy(self, config: ElasticConfig) -> None:
+        """Change the merge/split thresholds (or switch transitions on and off) from now on."""
+        self.elastic = config
+        self.coordinator.configure(config)
+
+    def preemptions(self) -> int:
+        """Requests preempted (recomputed for want of KV memory) by every scheduler of the pair."""
+        heads = [self.head] if self.head is not None else []
+        return self._retired_preemptions + sum(e.scheduler.stats.num_preemptions for e in self.replicas + heads)
+
     def metrics(self) -> dict:
         """Counts and times of transitions (for /metrics and benchmarks)."""
         merges = [e for e in self.events if e["event"] == "merge"]
@@ -287,6 +307,7 @@ class ElasticPair:
                 "merge_s": [e["duration_s"] for e in merges], "split_s": [e["duration_s"] for e in splits],
                 "restore_s": [e["restore_s"] for e in splits],
                 "requests_recomputed": sum(e["requests_recomputed"] for e in self.events),
+                "preemptions": self.preemptions(),
                 "merged": self.merged}
 
     def shutdown(self) -> None:

@@ -6,8 +6,9 @@
 
 - Merge when every replica's KV usage is >= `merge_kv_usage` and the work waiting on each exceeds
   what it has free: a burst that more memory would serve sooner.
-- Split when the merged pair's usage is below `split_kv_usage` and falling (lower than at every
-  one of the last `falling_checks` observations), and nothing waits.
+- Split when the merged pair's usage, counted against what the two replicas would hold apart, is
+  below `split_kv_usage` and falling (lower than at every one of the last `falling_checks`
+  observations), and nothing waits.
 - `min_merged_s` / `min_split_s` hold each state at least that long, so a load at the threshold
   does not flap (every transition recomputes the requests in flight).
 """
@@ -95,6 +96,11 @@ class ElasticCoordinator:
                                      f"falling over {cfg.falling_checks} checks, nothing waiting")
         return None
 
+    def configure(self, config: ElasticConfig) -> None:
+        """New thresholds from now on (the transition log stays)."""
+        self.config = config
+        self._recent = deque(maxlen=config.falling_checks)
+
     def record(self, event: dict) -> None:
         """A transition happened (the pair reports what it did and how long it took)."""
         self._since = event.get("monotonic", time.monotonic())
@@ -118,6 +124,11 @@ class RemoteCoordinator:
         import ray
 
         return ray.get(self.handle.observe.remote(loads, merged, now))
+
+    def configure(self, config: ElasticConfig) -> None:
+        import ray
+
+        ray.get(self.handle.configure.remote(config))
 
     def record(self, event: dict) -> None:
         import ray
