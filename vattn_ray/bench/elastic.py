@@ -1,6 +1,7 @@
 """Bursty load on two replicas, with and without elastic memory (merge into a pipeline), one run.
 
-    python -m vattn_ray.bench elastic --build 32b --ckpt-dir /tmp/q32 --out docs/results/elastic_2xh200.json
+    python -m vattn_ray.bench elastic --build 32b --ckpt-dir /tmp/q32 --build-only           # once
+    python -m vattn_ray.bench elastic --model /tmp/q32 --out docs/results/elastic_2xh200.json
     python -m vattn_ray.bench elastic --build tiny --duration-s 12 --out /tmp/elastic_smoke.json   # CPU
 
 The trace (seeded, identical for both passes): Poisson arrivals at --rate requests/s, multiplied by
@@ -140,20 +141,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--build", choices=("tiny", "32b"), default="tiny")
     p.add_argument("--ckpt-dir", default="/tmp/vattn-elastic-ckpt")
     p.add_argument("--num-layers", type=int, help="override the built shape's layer count")
+    p.add_argument("--build-only", action="store_true", help="build the checkpoint, run nothing")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=512,
+                   help="slots; merged, the head has as many for the whole pair: leave room")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-memory-bytes", type=int, help="KV budget per replica (CPU smoke tests)")
     p.add_argument("--page-bytes", type=int)
-    p.add_argument("--rate", type=float, default=2.0, help="steady arrivals per second")
+    p.add_argument("--rate", type=float, default=8.0, help="steady arrivals per second")
     p.add_argument("--burst-factor", type=float, default=5.0)
-    p.add_argument("--bursts", default="40,130", help="burst start times, seconds")
+    p.add_argument("--bursts", default="20,75", help="burst start times, seconds")
     p.add_argument("--burst-s", type=float, default=25.0)
-    p.add_argument("--duration-s", type=float, default=200.0)
-    p.add_argument("--drain-s", type=float, default=120.0)
+    p.add_argument("--duration-s", type=float, default=120.0)
+    p.add_argument("--drain-s", type=float, default=60.0)
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--slo-ttft-s", type=float, default=2.0)
@@ -174,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     from vattn_ray.elastic import ElasticConfig, ElasticPair
 
     model = args.model or build_checkpoint(args.build, args.ckpt_dir, args.num_layers)
+    if args.build_only:
+        print(model)
+        return 0
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     engine = EngineArgs(model=model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

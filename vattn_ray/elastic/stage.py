@@ -132,7 +132,7 @@ def join_pair(worker, addresses: list[tuple[str, int]], pair_rank: int, timeout_
     store = dist.TCPStore(host, port, 2, pair_rank == 0, timeout=timeout)
     if worker.device.type == "cuda":
         opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = timeout
+        opts._timeout = timeout  # a peer that never answers fails the call instead of hanging it
         st.pair = dist.ProcessGroupNCCL(store, pair_rank, 2, opts)
     else:
         st.pair = dist.ProcessGroupGloo(store, pair_rank, 2, timeout)
@@ -303,7 +303,7 @@ def check(worker, expected: dict[int, int] | None = None) -> dict:
     st: ElasticState = worker.elastic
     worker.kv.check_integrity(expected)
     holders = st.weights.holders()
-    holders["kv"] = worker.kv._pool.ids()
+    holders["kv"] = worker.kv._pool.ids()  # the HeldPool `_new_kv` gave this manager
     st.pages.check_integrity(holders)
     st.weights.check_integrity()
     first, end = st.layers
