@@ -232,6 +232,9 @@ def test_policy_splits_when_usage_is_low_and_falling_and_holds_states():
     for now, used in ((1.0, 60), (2.0, 70), (3.0, 65)):  # low but rising: stay merged
         assert c2.observe([_load(200, used, 0)], merged=True, now=now) is None
     assert c2.observe([_load(200, 50, 3)], merged=True, now=4.0) is None  # work still waits
+    idle = ElasticCoordinator(ElasticConfig(falling_checks=2, min_merged_s=0.0))
+    decisions = [idle.observe([_load(200, 0, 0)], merged=True, now=t) for t in (1.0, 2.0, 3.0)]
+    assert decisions[:2] == [None, None] and decisions[2].action == "split"  # an idle pair splits
     c.record({"event": "split", "monotonic": 11.0})
     assert c.observe([_load(100, 100, 99)] * 2, merged=False, now=15.0) is None  # held after split
     assert c.observe([_load(100, 100, 99)] * 2, merged=False, now=22.0).action == "merge"

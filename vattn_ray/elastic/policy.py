@@ -7,7 +7,7 @@
 - Merge when every replica's KV usage is >= `merge_kv_usage` and the work waiting on each exceeds
   what it has free: a burst that more memory would serve sooner.
 - Split when the merged pair's usage, counted against what the two replicas would hold apart, is
-  below `split_kv_usage` and falling (lower than at every one of the last `falling_checks`
+  below `split_kv_usage` and not rising (no higher than at any of the last `falling_checks`
   observations), and nothing waits.
 - `min_merged_s` / `min_split_s` hold each state at least that long, so a load at the threshold
   does not flap (every transition recomputes the requests in flight).
@@ -87,13 +87,14 @@ class ElasticCoordinator:
                                          f"groups exceed free ones ({waiting})")
             return None
         (load,) = loads
-        falling = len(self._recent) == self._recent.maxlen and all(load.usage < u for u in self._recent)
+        # Not rising: no higher than at any recent check (a flat or idle load may split too).
+        falling = len(self._recent) == self._recent.maxlen and all(load.usage <= u for u in self._recent)
         self._recent.append(load.usage)
         if not cfg.enabled or now - self._since < cfg.min_merged_s:
             return None
         if load.usage < cfg.split_kv_usage and falling and load.waiting_groups == 0:
             return Decision("split", f"merged KV usage {load.usage:.0%} < {cfg.split_kv_usage:.0%} and "
-                                     f"falling over {cfg.falling_checks} checks, nothing waiting")
+                                     f"not rising over {cfg.falling_checks} checks, nothing waiting")
         return None
 
     def configure(self, config: ElasticConfig) -> None:
