@@ -87,10 +87,12 @@ def load_tokenizer(path: str):
 class LLMEngine:
     """Synchronous engine; the async engine and the offline `LLM` both wrap it."""
 
-    def __init__(self, config: EngineConfig, placement_group=None) -> None:
+    def __init__(self, config: EngineConfig, placement_group=None, executor=None) -> None:
+        """`executor`: drive these workers instead of starting a group from `config` (an elastic
+        pair's pipeline, `vattn_ray/elastic/`)."""
         self.config = config
         self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
-        self.executor = make_executor(config, placement_group=placement_group)
+        self.executor = executor or make_executor(config, placement_group=placement_group)
         try:
             infos = self.executor.start()
             self.layout = _agreed_layout(infos)

@@ -42,7 +42,10 @@ class KVManager:
     """Virtual K/V tensors of one shard whose pages are mapped and unmapped by `KVOp`s."""
 
     def __init__(self, layout: KVLayout, memory: PhysicalMemory, num_page_groups: int,
-                 dtype: torch.dtype, rank: int = 0) -> None:
+                 dtype: torch.dtype, rank: int = 0, pool: PagePool | None = None) -> None:
+        """`pool`: pages shared with other users of the device's memory (weights that may be lent
+        to the cache, `vattn_ray/elastic/`), exactly `num_page_groups` groups of them; None: a
+        pool of its own."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         if itemsize != layout.itemsize:
             raise ValueError(f"dtype {dtype} has {itemsize}-byte elements but the layout says "
@@ -68,7 +71,10 @@ class KVManager:
         self._prefetch_failures: list[KVFailure] = []
         self._groups_mapped = self._groups_unmapped = 0
         self._map_s = self._unmap_s = 0.0
-        self._pool = PagePool(memory, num_page_groups * layout.num_tensors)
+        if pool is not None and pool.num_pages != num_page_groups * layout.num_tensors:
+            raise ValueError(f"a pool of {pool.num_pages} pages is not {num_page_groups} page groups "
+                             f"of {layout.num_tensors} pages")
+        self._pool = pool if pool is not None else PagePool(memory, num_page_groups * layout.num_tensors)
         self._refs = [0] * self._pool.num_pages  # page id -> slots mapping it
         try:
             for _ in range(layout.num_tensors):
