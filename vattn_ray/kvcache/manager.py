@@ -75,7 +75,9 @@ class KVManager:
             raise ValueError(f"a pool of {pool.num_pages} pages is not {num_page_groups} page groups "
                              f"of {layout.num_tensors} pages")
         self._pool = pool if pool is not None else PagePool(memory, num_page_groups * layout.num_tensors)
-        self._refs = [0] * self._pool.num_pages  # page id -> slots mapping it
+        # page id -> slots mapping it; ids index the pool's handles (a shared pool numbers them
+        # across the device, see vattn_ray/elastic/pages.py)
+        self._refs = [0] * len(self._pool.handles)
         try:
             for _ in range(layout.num_tensors):
                 self._bases.append(memory.reserve(layout.tensor_bytes))
