@@ -85,3 +85,17 @@ def test_ensure_builtin_model_builds_once(tmp_path, monkeypatch):
     assert load_model(path, dtype=torch.float32, device="cpu").num_layers == PRESETS["tiny"]["num_hidden_layers"]
     with pytest.raises(ValueError, match="tiny-llama"):
         ensure_builtin_model("no-such-model", cache_dir=str(tmp_path))
+
+
+def test_the_70b_preset_has_the_llama_3_70b_shape():
+    """The TP=4/8 benchmark's checkpoint: 80 layers, hidden 8192, 64 q / 8 kv heads, ~70.6B params."""
+    from vattn_ray.model.builder import PRESETS, make_config
+
+    c = make_config("llama", "bfloat16", **PRESETS["llama-3-70b"])
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+            c.intermediate_size, c.vocab_size) == (80, 8192, 64, 8, 28672, 128256)
+    head = c.hidden_size // c.num_attention_heads
+    attn = c.hidden_size * head * (c.num_attention_heads * 2 + c.num_key_value_heads * 2)
+    layer = attn + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
+    params = c.num_hidden_layers * layer + 2 * c.vocab_size * c.hidden_size + c.hidden_size
+    assert 70.5e9 < params < 70.6e9

@@ -34,11 +34,15 @@ PRESETS: dict[str, dict] = {
                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                        max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
                        rope_scaling=_LLAMA3_ROPE, tie_word_embeddings=False),
+    "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                        max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+                        rope_scaling=_LLAMA3_ROPE, tie_word_embeddings=False),
 }
 # Weight scale: tiny models get large weights so logits are peaked (greedy parity tests must not
-# hinge on near-ties); the 8B preset uses the usual 0.02 so activations stay sane in bf16.
-_INIT_STD = {"tiny": 0.2, "llama-3-8b": 0.02}
-_SHARD_BYTES = {"tiny": 0, "llama-3-8b": 5 << 30}  # 0: one file
+# hinge on near-ties); the 8B and 70B presets use the usual 0.02 so activations stay sane in bf16.
+_INIT_STD = {"tiny": 0.2, "llama-3-8b": 0.02, "llama-3-70b": 0.02}
+_SHARD_BYTES = {"tiny": 0, "llama-3-8b": 5 << 30, "llama-3-70b": 5 << 30}  # 0: one file
 BUILTIN_MODELS: dict[str, dict] = {
     "tiny-llama": dict(family="llama", preset="tiny"),
     "tiny-qwen3": dict(family="qwen3", preset="tiny"),
