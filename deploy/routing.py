@@ -119,6 +119,7 @@ class PrefixAwareRouter(RequestRouter):
                              "imbalanced_threshold, max_keys")
         self.block_chars, self.imbalanced_threshold, self.max_keys = block_chars, imbalanced_threshold, max_keys
         self._owner: OrderedDict[bytes, ReplicaID] = OrderedDict()
+        self._owned: dict[ReplicaID, int] = {}  # keys each replica owns: the size of its share
         self._keys: dict[str, list[bytes]] = {}  # internal request id -> its keys, until routed
 
     def _load(self, replica: RunningReplica) -> int:
@@ -135,6 +136,9 @@ class PrefixAwareRouter(RequestRouter):
         if not candidate_replicas:
             return []
         keys = self._request_keys(pending_request)
+        fallback = self._two_choices(candidate_replicas)
+        if not keys:  # no prompt (or a short one): any replica will do
+            return [fallback]
         by_id = {r.replica_id: r for r in candidate_replicas}
         preferred = None
         for key in reversed(keys):  # the longest prefix first
@@ -142,10 +146,13 @@ class PrefixAwareRouter(RequestRouter):
             if owner in by_id:
                 preferred = by_id[owner]
                 break
-        fallback = self._two_choices(candidate_replicas)
-        if preferred is None:
-            return [fallback]
         least = min(self._load(r) for r in candidate_replicas)
+        if preferred is None:
+            # A new prefix goes to the replica holding the fewest prefixes among those not much
+            # busier than the least-loaded one: prefixes (and the load they bring) spread evenly,
+            # also when a burst of new prefixes arrives before any load is known.
+            calm = [r for r in candidate_replicas if self._load(r) - least <= self.imbalanced_threshold]
+            return [[min(calm, key=lambda r: (self._owned.get(r.replica_id, 0), self._load(r)))], fallback]
         if self._load(preferred) - least > self.imbalanced_threshold:
             return [fallback]
         # The preferred replica first; when it is full, the power-of-two choice.
@@ -167,15 +174,22 @@ class PrefixAwareRouter(RequestRouter):
         if keys is None:
             keys = request_keys(pending_request, self.block_chars)
         for key in keys:
+            self._disown(key)
             self._owner[key] = replica_id
-            self._owner.move_to_end(key)
+            self._owned[replica_id] = self._owned.get(replica_id, 0) + 1
         while len(self._owner) > self.max_keys:
-            self._owner.popitem(last=False)
+            self._disown(next(iter(self._owner)))
+
+    def _disown(self, key: bytes) -> None:
+        owner = self._owner.pop(key, None)
+        if owner is not None:
+            self._owned[owner] -= 1
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         for key in [k for k, v in self._owner.items() if v == replica_id]:
-            del self._owner[key]
+            self._disown(key)
+        self._owned.pop(replica_id, None)
 
 
 class RoundRobinRouter(RequestRouter):
