@@ -16,6 +16,7 @@ from ray.serve import Application
 
 from deploy.args import AppArgs
 from deploy.auth import resolve_api_key
+from deploy.ingress import ForwardedRequest, Ingress, replay
 from deploy.llm_config import is_llm_config_shaped, to_app_args
 from deploy.server import OpenAIServer, create_app
 from placement import check_resources, serve_deployment_options
@@ -47,6 +48,15 @@ class LLMServer:
                                    max_request_bytes=self.args.max_request_bytes)
         self.server.replica_id = _replica_id()
         self._poller: asyncio.Task | None = None
+        self._forward_app = None
+
+    async def forward(self, request: ForwardedRequest):
+        """A request forwarded by `deploy.ingress.Ingress`: this replica's OpenAI app answers it; the
+        ASGI messages of the response stream back."""
+        if self._forward_app is None:
+            self._forward_app = create_app(self.server, api_key=resolve_api_key(self.args.api_key))
+        async for message in replay(self._forward_app, request):
+            yield message
 
     async def __serve_build_asgi_app__(self):
         self._poller = asyncio.get_running_loop().create_task(self._export_stats())
@@ -118,7 +128,13 @@ def build_app(args: dict | AppArgs | None = None) -> Application:
                 app_args.served_name, app_args.tensor_parallel_size, device,
                 placement["placement_group_bundles"], placement["placement_group_strategy"])
     deployment = LLMServer.options(**placement, **app_args.deployment_options())
-    return deployment.bind(app_args.model_dump(), device)
+    llm = deployment.bind(app_args.model_dump(), device)
+    if app_args.request_router != "prefix_aware":
+        return llm
+    # The router must see the prompt, which Serve's proxy has not read: a front deployment reads
+    # it and calls the replicas through a handle (deploy/ingress.py).
+    front = Ingress.options(max_ongoing_requests=app_args.ingress_max_ongoing_requests)
+    return front.bind(llm, app_args.max_request_bytes)
 
 
 # Ray Serve LLM's builder name, so `import_path: ray.serve.llm:build_openai_app` ports by module.

@@ -68,6 +68,16 @@ class AppArgs(BaseModel):
     health_check_period_s: float | None = Field(None, gt=0)
     health_check_timeout_s: float | None = Field(None, gt=0)
     stats_interval_s: float = Field(1.0, gt=0, description="How often engine gauges are exported")
+    # --- routing between replicas (deploy/routing.py)
+    request_router: Literal["power_of_two", "round_robin", "prefix_aware"] = Field(
+        "power_of_two", description="How Serve picks a replica: power_of_two (Serve's default: the "
+        "less busy of two random replicas), round_robin, or prefix_aware (the replica that served the "
+        "longest prefix of the prompt, unless it is much busier; adds a front deployment that reads "
+        "the body first, see docs/prefix-caching.md)")
+    request_router_kwargs: dict[str, Any] = Field(default_factory=dict, description=(
+        "Options of the router (prefix_aware: block_chars, imbalanced_threshold, max_keys)"))
+    ingress_max_ongoing_requests: int = Field(1024, ge=1, description=(
+        "Requests the prefix_aware front deployment holds at once (it only forwards them)"))
 
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> "AppArgs":
@@ -120,4 +130,22 @@ class AppArgs(BaseModel):
         """Serve options that were set (unset ones keep Serve's defaults)."""
         names = ("num_replicas", "autoscaling_config", "max_ongoing_requests", "health_check_period_s",
                  "health_check_timeout_s")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        out = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        router = self.request_router_config()
+        if router is not None:
+            out["request_router_config"] = router
+        return out
+
+    def request_router_config(self) -> Any:
+        """Serve's `RequestRouterConfig` for the chosen router (None: Serve's default)."""
+        from ray.serve.config import RequestRouterConfig
+
+        from deploy.routing import ROUTERS
+
+        path = ROUTERS[self.request_router]
+        if path is None:
+            if self.request_router_kwargs:
+                raise ValueError("request_router_kwargs are options of round_robin or prefix_aware routing; "
+                                 "Serve's power_of_two router takes none")
+            return None
+        return RequestRouterConfig(request_router_class=path, request_router_kwargs=self.request_router_kwargs)
