@@ -32,7 +32,8 @@ logger = logging.getLogger("ray.serve")
 
 # vLLM engine arguments with a flat argument of the same name and meaning here.
 ENGINE_ARGS = ("tensor_parallel_size", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-               "gpu_memory_utilization", "kv_cache_memory_bytes", "seed", "tokenizer", "device")
+               "gpu_memory_utilization", "kv_cache_memory_bytes", "seed", "tokenizer", "device",
+               "enable_prefix_caching")
 # vLLM engine arguments that are fields of vattn_ray.config.EngineArgs (passed as engine_kwargs).
 ENGINE_KWARGS = ("enforce_eager", "enable_chunked_prefill", "generation_config", "disable_custom_all_reduce")
 # vLLM engine arguments accepted with no effect here: value -> why (None: any value).
@@ -41,7 +42,6 @@ IGNORED_ENGINE_KWARGS: dict[str, tuple[Any, str]] = {
     "disable_log_stats": (None, "engine statistics are always kept"),
     "enable_log_requests": (None, "requests are not logged"),
     "pipeline_parallel_size": (1, "no pipeline parallelism"),
-    "enable_prefix_caching": (False, "no prefix caching yet"),
     "distributed_executor_backend": ("ray", "tensor-parallel workers are Ray actors"),
 }
 DEPLOYMENT_KEYS = ("num_replicas", "autoscaling_config", "max_ongoing_requests", "max_queued_requests",

@@ -44,6 +44,9 @@ def test_model_source_defaults_to_model_id_and_files_are_read(tmp_path):
     assert to_app_args({"llm_configs": [str(path)]}) == to_app_args(LLM_CONFIG)
     bpw = {**LLM_CONFIG, "placement_group_config": {"bundle_per_worker": {"GPU": 1, "CPU": 3}}}
     assert to_app_args(bpw)["worker_cpus"] == 3.0
+    for on in (True, False):  # vLLM's switch maps onto the engine's own
+        kwargs = {**LLM_CONFIG["engine_kwargs"], "enable_prefix_caching": on}
+        assert to_app_args({**LLM_CONFIG, "engine_kwargs": kwargs})["enable_prefix_caching"] is on
 
 
 @pytest.mark.parametrize("change, words", [
@@ -53,7 +56,6 @@ def test_model_source_defaults_to_model_id_and_files_are_read(tmp_path):
     ({**LLM_CONFIG, "model_loading_config": {"model_id": "m", "model_source": {"bucket_uri": "s3://b"}}},
      "cloud mirrors"),
     ({**LLM_CONFIG, "engine_kwargs": {"quantization": "fp8"}}, "engine_kwargs.quantization is not supported"),
-    ({**LLM_CONFIG, "engine_kwargs": {"enable_prefix_caching": True}}, "no prefix caching"),
     ({**LLM_CONFIG, "engine_kwargs": {"pipeline_parallel_size": 2}}, "no pipeline parallelism"),
     ({**LLM_CONFIG, "deployment_config": {"ray_actor_options": {"num_cpus": 4}}}, "ray_actor_options is not"),
     ({**LLM_CONFIG, "placement_group_config": {"bundles": [{"GPU": 1}]}}, "one bundle per tensor-parallel"),
