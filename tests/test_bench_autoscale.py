@@ -60,6 +60,13 @@ def test_analysis_of_a_ramp():
     assert a["scale_down_s"] == pytest.approx(9.75)
 
 
+def test_scale_down_that_stops_the_first_replica_is_seen():
+    """Serve may stop the replica that was there first; the survivor is whichever answers last."""
+    swapped = [{**s, "replica": "b"} if s["t"] >= 40 else s for s in _samples()]  # a stops at 40 s
+    a = autoscale.analyze(PHASES, swapped, [], gone_window_s=10.0)
+    assert a["scaled_down"] is True and a["extra_replica_last_seen_s"] == pytest.approx(39.5)
+
+
 def test_analysis_when_nothing_scales():
     samples = [s for s in _samples() if s["replica"] == "a"]
     a = autoscale.analyze(PHASES, samples, [], gone_window_s=10.0)
@@ -80,7 +87,7 @@ def test_ramp_on_cpu_scales_out_and_back(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "autoscale.json"
-    rc = autoscale.main(["--config", str(path), "--phases", "low:1:3,high:8:20,idle:0:25", "--input-len", "16",
+    rc = autoscale.main(["--config", str(path), "--phases", "low:1:3,high:8:20,idle:0:45", "--input-len", "16",
                          "--output-len", "256", "--gone-window", "5", "--out", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())

@@ -121,7 +121,10 @@ def analyze(phases: list[dict], samples: list[dict], requests: list[dict], gone_
     idle = next((p for p in reversed(phases) if p["rate"] == 0), None)
     out["idle_phase"] = idle["name"] if idle else None
     if idle and first is not None:
-        others = [s["t"] for s in samples if s.get("replica") not in (None, first)]
+        # Serve may stop either replica: the survivor is whichever answers last, not the first one.
+        answered = [s for s in samples if s.get("replica")]
+        survivor = max(answered, key=lambda s: s["t"])["replica"] if answered else first
+        others = [s["t"] for s in samples if s.get("replica") not in (None, survivor)]
         last_other = max(others, default=None)
         in_idle = [s["t"] for s in samples if idle["start_s"] <= s["t"] <= idle["end_s"]]
         gone = last_other is None or (in_idle and max(in_idle) - max(last_other, idle["start_s"]) >= gone_window_s)
