@@ -1,15 +1,16 @@
 """Tensor-parallel all-reduce. HOT PATH (`all_reduce`, twice per layer).
 
 A decode step all-reduces small tensors (batch x hidden: 2 MiB at batch 256 of an 8B model), 64
-times. NCCL's ring needs ~25 us for that on NVLink, latency-bound; reading the peers' buffers
-directly (one P2P kernel, PyTorch's symmetric memory) needs a few. So:
+times. NCCL needs ~38 us for that on 2xH200 (latency-bound); kernels that read and write the peers'
+buffers directly over NVLink (PyTorch's symmetric memory) need ~17 us, and ~8 us for one row. So:
 
 - up to `ONE_SHOT_MAX_BYTES`: one-shot (every rank reads every peer's whole buffer and sums);
 - up to the symmetric buffer's size: two-shot (reduce-scatter then all-gather over P2P);
 - above, or when symmetric memory is unavailable or disabled: NCCL (gloo on CPU).
 
 The symmetric buffer is allocated once at start-up, so the P2P path is captured in CUDA graphs
-like any other kernel. The thresholds rest on `python -m vattn_ray.bench tp` (docs/benchmarks.md).
+like any other kernel. The thresholds rest on `python -m vattn_ray.bench allreduce`
+(docs/benchmarks.md §4b).
 """
 
 from __future__ import annotations
