@@ -174,11 +174,16 @@ def test_a_huge_prompt_stalls_neither_health_nor_another_stream():
     engine = AlphabetEngine(tok, step_s=0.02)
     engine.config.scheduler.max_model_len = 1 << 22
     server = OpenAIServer(engine, MODEL, max_request_bytes=8 << 20)
-    text = "the quick brown fox jumps over the lazy dog. " * 40000  # 1.8 MB: seconds to tokenize
+    unit = "the quick brown fox jumps over the lazy dog. "
     with TestClient(create_app(server), raise_server_exceptions=False) as c:
+        sample = unit * 4500  # ~200 kB: how fast this machine tokenizes
         t0 = time.monotonic()
-        server.tokenizer.encode(text[:200000])
-        encode_s = (time.monotonic() - t0) * len(text) / 200000
+        server.tokenizer.encode(sample)
+        per_char = (time.monotonic() - t0) / len(sample)
+        # About 2 s of tokenizing (at least 1.8 MB), within the 8 MiB body limit.
+        reps = max(40000, min(int(2.0 / (per_char * len(unit))) + 1, (7 << 20) // len(unit)))
+        text = unit * reps
+        encode_s = per_char * len(text)
         assert encode_s > 1.0, f"tokenizing takes only {encode_s:.1f} s here; use a longer prompt"
         result = {}
 
