@@ -103,6 +103,14 @@ def request_keys(pending_request: PendingRequest | None, block_chars: int) -> li
     return block_keys(text, block_chars) if text else []
 
 
+
+def _start_choice(candidates: list, pending_request) -> bool:
+    """Common start of `choose_replicas`: past the ranks returned, wait before asking again (as
+    Serve's own router does); False when there is no replica to choose from."""
+    if pending_request is not None:
+        pending_request.routing_context.should_backoff = True
+    return bool(candidates)
+
 class PrefixAwareRouter(RequestRouter):
     """Prefer the replica that last served the longest prefix of the prompt (see the module doc).
 
@@ -130,10 +138,7 @@ class PrefixAwareRouter(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        if pending_request is not None:
-            # Past the ranks returned here, wait before asking again (as Serve's own router does).
-            pending_request.routing_context.should_backoff = True
-        if not candidate_replicas:
+        if not _start_choice(candidate_replicas, pending_request):
             return []
         keys = self._request_keys(pending_request)
         fallback = self._two_choices(candidate_replicas)
@@ -201,9 +206,7 @@ class RoundRobinRouter(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        if pending_request is not None:
-            pending_request.routing_context.should_backoff = True
-        if not candidate_replicas:
+        if not _start_choice(candidate_replicas, pending_request):
             return []
         ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
         start = next(self._turn) % len(ordered)
