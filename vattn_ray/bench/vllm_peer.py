@@ -17,9 +17,12 @@ Out (rewritten after every job, so a run cut short keeps what it measured):
    "jobs": [{"name", "kind", ...measurements} or {"name", "kind", "error"}], "complete": bool}
 Measurements: warmup {"seconds"}; throughput {"seconds", "requests", "prompt_tokens",
 "output_tokens"} of one timed `generate`; decode_latency {"seconds_short" (max_tokens=lead_steps+1),
-"seconds_long" (max_tokens=lead_steps+steps+1), "output_tokens_short", "output_tokens_long"}.
-Prefix caching is off: the decode-latency method sends the same prompts twice, and a cache hit
-would skip the second prefill (the project's engine runs with it off too: bench/vattn_system.py).
+"seconds_long" (max_tokens=lead_steps+steps+1), "output_tokens_short", "output_tokens_long"};
+schedule (jobs that also hold "after" and "arrival"): the per-request times of
+vattn_ray/bench/step_driver.py's loop over the engine's own `add_request` / `step`.
+Prefix caching is off unless --enable-prefix-caching: the decode-latency method sends the same
+prompts twice, and a cache hit would skip the second prefill (the project's engine runs with it
+off too: bench/vattn_system.py).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--enable-prefix-caching", action="store_true")
     return p.parse_args(argv)
 
 
@@ -62,6 +66,8 @@ def engine_argv(engine: dict) -> list[str]:
     for key in ENGINE_OPTIONS:
         if engine.get(key) is not None:
             argv += ["--" + key.replace("_", "-"), str(engine[key])]
+    if engine.get("enable_prefix_caching"):
+        argv.append("--enable-prefix-caching")
     return argv
 
 
@@ -93,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     engine = {k: getattr(args, k) for k in ENGINE_OPTIONS}
-    result: dict = {"available": True, "engine_args": {"model": args.model, **engine, "enable_prefix_caching": False},
+    caching = bool(args.enable_prefix_caching)
+    result: dict = {"available": True, "engine_args": {"model": args.model, **engine, "enable_prefix_caching": caching},
                     "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "cuda": torch.version.cuda,
                                  "transformers": transformers.__version__, "python": sys.version.split()[0]},
                     "received": received, "jobs": [], "complete": False}
@@ -103,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         result["engine_args"]["distributed_executor_backend"] = "mp"
     t0 = time.perf_counter()
     try:
-        llm = LLM(model=args.model, tokenizer=args.model, enable_prefix_caching=False, **engine)
+        llm = LLM(model=args.model, tokenizer=args.model, enable_prefix_caching=caching, **engine)
     except Exception as exc:  # noqa: BLE001 - reported in the result, not a crash without one
         traceback.print_exc()
         result["error"] = f"engine start failed: {type(exc).__name__}: {exc}"
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     for job in spec["jobs"]:
         entry = {"name": job["name"], "kind": job["kind"]}
         try:
-            entry.update(run_job(job, timed))
+            entry.update(run_schedule(job, llm, sampling) if "after" in job else run_job(job, timed))
         except Exception as exc:  # noqa: BLE001 - later jobs would run on an engine in an unknown state
             traceback.print_exc()
             entry["error"] = f"{type(exc).__name__}: {exc}"
@@ -169,6 +176,45 @@ def run_job(job: dict, timed) -> dict:
         return {"seconds": seconds}
     return {"seconds": seconds, "requests": len(prompts), "prompt_tokens": sum(len(p) for p in prompts),
             "output_tokens": out_tokens}
+
+
+def run_schedule(job: dict, llm, sampling: dict) -> dict:
+    """A scheduled job through vLLM's own engine loop (`LLMEngine.add_request` / `step`), streaming
+    deltas so every request's first token is seen when its step returns (`LLM.generate` asks for
+    final outputs only)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    driver = _load_sibling("step_driver")
+    engine = llm.llm_engine
+
+    class VllmStepper:
+        def add(self, request_id: str, prompt: list[int], max_tokens: int) -> None:
+            params = SamplingParams(temperature=float(sampling.get("temperature", 0.0)), max_tokens=max_tokens,
+                                    ignore_eos=bool(sampling.get("ignore_eos", True)),
+                                    output_kind=RequestOutputKind.DELTA)
+            engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
+
+        def step(self):
+            return [(o.request_id, list(o.outputs[0].token_ids) if o.outputs else [], o.finished,
+                     getattr(o, "num_cached_tokens", None)) for o in engine.step()]
+
+        def busy(self) -> bool:
+            return engine.has_unfinished_requests()
+
+    return driver.run(VllmStepper(), job["prompts"], job["max_tokens"], job["after"], job["arrival"],
+                      name=job["name"])
+
+
+def _load_sibling(name: str):
+    """A module of this directory by file path: the child must not import the project's package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                     name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---- the parent's side ------------------------------------------------------------------------
