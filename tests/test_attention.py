@@ -128,10 +128,15 @@ def test_auto_backend_selection(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="vattn_ray.attention"):
         assert resolve_backend("auto", "cuda", 80) == "torch"
     assert "head_dim=80 is not a power of two" in caplog.text
+    # float32 never lands on FlashAttention-2 (fp16/bf16 only): sdpa where Triton cannot prefill it.
+    assert resolve_backend("auto", "cuda", 128, "float32") == "triton"
+    assert resolve_backend("auto", "cuda", 16, "float32") == "sdpa"
+    assert resolve_backend("auto", "cuda", 16, "bfloat16") == "triton"
     monkeypatch.setitem(sys.modules, "triton", None)  # as if triton were not installed
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="vattn_ray.attention"):
         assert resolve_backend("auto", "cuda", 128) == "torch"
+        assert resolve_backend("auto", "cuda", 128, "float32") == "sdpa"
     assert "triton cannot be imported" in caplog.text
 
 

@@ -144,7 +144,7 @@ class EngineArgs:
 
         heads = int(hf["num_attention_heads"])
         head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // heads)
-        backend = resolve_backend(self.attention_backend, device, head_dim)
+        backend = resolve_backend(self.attention_backend, device, head_dim, dtype)
         from vattn_ray.startup import sampling_defaults
 
         return EngineConfig(

@@ -18,14 +18,25 @@ BACKENDS = ("sdpa", "torch", "flash_attn", "triton")
 logger = logging.getLogger(__name__)
 
 
-def resolve_backend(name: str, device: str, head_dim: int) -> str:
+def resolve_backend(name: str, device: str, head_dim: int, dtype: str | None = None) -> str:
     """The backend `name` stands for: "auto" is "triton" on CUDA when it can run the model's
-    heads, else "torch" (with a log line saying why), and "sdpa" on CPU; other names are kept."""
+    heads, else "torch" (with a log line saying why), and "sdpa" on CPU; other names are kept.
+
+    FlashAttention-2 runs fp16/bf16 only, so a float32 model on CUDA whose prefill would land on it
+    (no Triton, or a head size the Triton prefill kernel is not built for) gets "sdpa" instead."""
     if name != "auto":
         return name
     if device != "cuda":
         return "sdpa"
     reason = _triton_unusable(head_dim)
+    if dtype == "float32":
+        from vattn_ray.attention.triton_prefill import HEAD_DIMS
+
+        if reason is None and head_dim not in HEAD_DIMS:
+            reason = f"the Triton prefill kernel is built for head_dim {HEAD_DIMS}, not {head_dim}"
+        if reason is not None:
+            logger.info("attention backend: 'sdpa' for float32 (FlashAttention-2 runs fp16/bf16 only): %s", reason)
+            return "sdpa"
     if reason is None:
         return "triton"
     logger.info("attention backend: 'torch' (FlashAttention-2) instead of 'triton': %s", reason)
