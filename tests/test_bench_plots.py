@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -243,9 +244,16 @@ def test_unknown_report_is_refused(tmp_path):
         kind_of({"prompts": 8, "token_agreement": 1.0})
 
 
-def test_every_committed_figure_has_its_report_next_to_it():
+def test_every_committed_figure_has_its_report_next_to_it_and_is_on_the_benchmarks_page():
     pngs = sorted(RESULTS.glob("*.png"))
     assert pngs
     for png in pngs:
         report = json.loads(png.with_suffix(".json").read_text())
         assert kind_of(report) in PLOTTERS
+    page = (RESULTS.parent / "benchmarks.md").read_text()
+    linked = set(re.findall(r"\]\(results/([\w.-]+\.png)\)", page))
+    assert linked == {png.name for png in pngs}  # no figure unlinked, no link to a missing figure
+    words = " ".join(page.split())  # captions wrap their commands
+    for name in linked:  # the page names the command that drew each figure
+        run = name.removesuffix(".png")
+        assert f"python -m vattn_ray.bench plots docs/results/{run}.json --out docs/results/{run}.png" in words
