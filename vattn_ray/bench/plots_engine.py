@@ -63,9 +63,11 @@ def plot_throughput(report: dict, path: str) -> Any:
                     f"{ours.get('system', 'vattn')} {ours.get('workload', '')}: KV page groups over the run")
     cfg = report["config"]
     device = device_name(report)
-    tp = f", TP={cfg['tp']}" if cfg.get("tp", 1) > 1 else ""
-    fig.suptitle(f"throughput: {cfg['num_requests']} requests, {cfg['input_len']} in / {cfg['output_len']} out "
-                 f"tokens (fixed workload){tp}{', ' + device if device else ''}")
+    parts = [f"fixed workload {cfg['num_requests']} x ({cfg['input_len']} in, {cfg['output_len']} out tokens)"
+             ] if "fixed" in str(cfg.get("workloads", "fixed")) else []
+    parts += [f"TP={cfg['tp']}"] if (cfg.get("tp") or 1) > 1 else []
+    parts += [device] if device else []
+    fig.suptitle("throughput: " + ", ".join(parts) if parts else "throughput")
     return save(fig, path)
 
 
