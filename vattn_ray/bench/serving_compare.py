@@ -141,11 +141,34 @@ def run_system(args: argparse.Namespace, system: str, deadline: float) -> dict:
 
 
 # ---- both side by side --------------------------------------------------------------------------
+QUANTILES = 200  # a CDF drawn from 201 points is smooth, and a rate's entry stays a few kB
+
+
+def quantiles_ms(seconds: list[float | None], points: int = QUANTILES) -> list[float]:
+    """`points` + 1 evenly spaced quantiles (levels 0, 1/points, ..., 1; nearest rank) of the
+    samples, in ms; empty without samples."""
+    xs = sorted(1e3 * s for s in seconds if s is not None)
+    if not xs:
+        return []
+    return [round(xs[round(i * (len(xs) - 1) / points)], 3) for i in range(points + 1)]
+
+
+def _rate_entry(r: dict) -> dict:
+    entry = {k: r.get(k) for k in ("rate", "sent", "completed", "failed", "request_throughput", "output_tokens_per_s",
+                                   "ttft_ms", "itl_ms", "tpot_ms", "e2e_ms", "load_sha256")}
+    entry["ttft_ms_quantiles"] = quantiles_ms([q.get("ttft_s") for q in r.get("requests", [])])
+    entry["itl_ms_quantiles"] = quantiles_ms(r.get("itl_s", []))
+    return entry
+
+
 def combine(reports: list[dict]) -> dict:
     """One comparison of serving reports of different systems (each its own `serving` run).
 
     `same_load` is true when every rate both measured had the same load digest (same prompts,
-    lengths and arrival times); SLO ratios are only meaningful then.
+    lengths and arrival times); SLO ratios are only meaningful then. Each rate keeps its TTFT and
+    inter-token latency distributions as QUANTILES + 1 evenly spaced quantiles in ms
+    (`ttft_ms_quantiles`, `itl_ms_quantiles`, levels 0 to 1), enough to draw their CDFs without
+    every sample (the per-system reports hold those).
     """
     systems = {}
     for rep in reports:
@@ -155,9 +178,7 @@ def combine(reports: list[dict]) -> dict:
         systems[name] = {
             "slo": rep.get("slo"), "error": rep.get("server", {}).get("error"),
             "ready_s": rep.get("server", {}).get("ready_s"),
-            "rates": [{k: r.get(k) for k in ("rate", "sent", "completed", "failed", "request_throughput",
-                                             "output_tokens_per_s", "ttft_ms", "itl_ms", "tpot_ms", "e2e_ms",
-                                             "load_sha256")} for r in rep.get("results", [])]}
+            "rates": [_rate_entry(r) for r in rep.get("results", [])]}
     digests = [{r["rate"]: r["load_sha256"] for r in s["rates"]} for s in systems.values()]
     common = set.intersection(*(set(d) for d in digests)) if digests else set()
     same = bool(common) and all(len({d[rate] for d in digests}) == 1 for rate in common)
