@@ -155,7 +155,7 @@ def run_vattn(name: str, args, jobs: list, dtype: str, emit) -> None:
                 meas.update(num_preemptions=(stats1.get("num_preemptions") or 0) - (stats0.get("num_preemptions") or 0),
                             device_memory_in_use_gib=used_bytes(system.device) / GIB,
                             kv_groups_mapped_peak=max(s["num_groups_mapped"] for s in system.timeline.samples),
-                            kv_timeline=system.timeline.samples)
+                            kv_timeline=list(system.timeline.samples))
             except Exception as exc:  # noqa: BLE001 - one failed workload must not lose the others
                 logger.exception("%s on %s failed", name, job.name)
                 meas = {"error": f"{type(exc).__name__}: {exc}"}

@@ -206,7 +206,8 @@ class VattnSystem:
                   "steps": len(self.log.records),
                   "num_preemptions": (self.engine.stats().get("num_preemptions") or 0) - preempted,
                   "device_memory_in_use_gib": used_bytes(self.device) / GIB,
-                  **decode_stats(self.log.decode_gaps()), "kv_timeline": self.timeline.samples}
+                  **decode_stats(self.log.decode_gaps()),
+                  "kv_timeline": list(self.timeline.samples)}  # a copy: later jobs sample on
         if window is not None:
             result["profile"] = window.result or {"error": "the profiled window was never reached"}
         return result
