@@ -185,15 +185,25 @@ def test_bench_smoke(ckpt, tmp_path):
                        "--output-len", "100", "--check-interval-s", "0.05", "--min-state-s", "0.2",
                        "--merge-usage", "0.6", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
+    assert result["complete"] and result["git_commit"] and result["device"]["type"] == "cpu"
+    assert {"torch", "python", "git"} <= set(result["versions"])
     for side in ("with_elasticity", "without_elasticity"):
         r = result[side]
         assert r["sent"] == r["completed"] == result["requests_in_trace"] > 0
+        assert r["burst_without_first_token"] == 0 and not r["trace_cut"]
         for key in ("ttft_p99_burst_ms", "ttft_p50_burst_ms", "output_tokens_per_s"):
             assert r[key] > 0, (side, key)
     assert result["without_elasticity"]["merges"] == 0
     w = result["with_elasticity"]
     assert w["merges"] >= 1 and w["splits"] >= 1 and len(w["restore_s"]) == w["splits"]
     assert w["kv_tokens_merged"][0] > w["kv_tokens_before_merge"][0]
+    # The warm-up merged and split once too; every restore is in `restore`.
+    assert [e["event"] for e in result["warm_up"]["events"]] == ["merge", "split"]
+    assert len(result["restore"]["restore_s"]) == 1 + w["splits"]
+    assert set(result["done_when"]) == {"ttft_p99_burst_ratio_le_0.2", "throughput_ratio_ge_0.95", "restore_lt_2s"}
+    assert result["replica"]["kv_tokens"] == 320 and result["replica"]["ranks"][0]["kv_page_groups"] == 40
+    assert {"build", "engine_start", "warm_up", "without_elasticity", "with_elasticity", "total"} <= set(
+        result["timings_s"])
 
 
 def test_requests_that_cannot_fit_a_replica_are_refused(ckpt):
