@@ -146,6 +146,43 @@ def test_merge_and_split_mid_run_keep_greedy_outputs(ckpt, reference):
         pair.shutdown()
 
 
+def test_resumed_requests_yield_to_new_ones_at_a_merge(ckpt, reference):
+    """At a merge, requests still waiting for their first token go to the head at once; those that
+    already have tokens are recomputed after them, and every output is still the greedy one."""
+    prompts, want = reference
+    pair = ElasticPair(EngineArgs(model=ckpt, **{**ENGINE, "max_num_batched_tokens": 64}),
+                       ElasticConfig(enabled=False))
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=2)
+    try:
+        for i, p in enumerate(prompts[:6]):
+            pair.add_request(f"r{i}", p, params)
+        while not all(r.token_ids for r in pair.requests.values()):
+            pair.step()
+        for i, p in enumerate(prompts[6:], start=6):
+            pair.add_request(f"r{i}", p, params)
+        pair.merge("test")
+        fresh = {r.request_id for r in pair.requests.values() if r.first_token_time is None}
+        resumed = set(pair.requests) - fresh
+        assert len(fresh) == 6 and len(resumed) == 6
+        assert all((pair.requests[r].engine is pair.head) == (r in fresh) for r in pair.requests)
+        progress_at: dict[str, int] = {}  # step at which each request first produced a token after the merge
+        done, step = {}, 0
+        while pair.has_work():
+            for req in pair.step():
+                progress_at.setdefault(req.request_id, step)
+                if req.finished:
+                    done[req.request_id] = req
+            step += 1
+        assert max(progress_at[r] for r in fresh) <= min(progress_at[r] for r in resumed)
+        assert [done[f"r{i}"].token_ids for i in range(len(prompts))] == want
+        for req in done.values():  # one log-probability entry per token, across the move
+            assert len(req.logprobs) == MAX_TOKENS
+            assert all(tok in entry for tok, entry in zip(req.token_ids, req.logprobs))
+        pair.check_integrity()
+    finally:
+        pair.shutdown()
+
+
 @pytest.mark.parametrize("where", ["in-process", "ray-actor"])
 def test_burst_merges_then_splits_by_policy(ckpt, reference, where):
     prompts, want = reference
