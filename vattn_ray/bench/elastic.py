@@ -47,7 +47,9 @@ make_trace = passes.make_trace  # the trace is part of this benchmark's interfac
 
 def build_checkpoint(kind: str, out_dir: str, num_layers: int | None) -> str:
     """A random checkpoint of the 32B shape (bf16, ~65 GB, drawn on the GPU when there is one) or
-    the tiny test shape; reused if present."""
+    the tiny test shape; reused if present (it is built aside and renamed when complete)."""
+    import shutil
+
     import torch
 
     from vattn_ray.model.builder import build_random_checkpoint
@@ -58,7 +60,11 @@ def build_checkpoint(kind: str, out_dir: str, num_layers: int | None) -> str:
     if num_layers:
         shape["num_hidden_layers"] = num_layers
     on = "cuda" if kind == "32b" and torch.cuda.is_available() else None
-    return build_random_checkpoint(out_dir, "llama", seed=0, generate_on=on, **shape)
+    partial = out_dir.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    build_random_checkpoint(partial, "llama", seed=0, generate_on=on, **shape)
+    os.rename(partial, out_dir)
+    return out_dir
 
 
 def replica_memory(worker) -> dict:
