@@ -22,9 +22,9 @@ import ray
 import torch
 
 from vattn_ray import SamplingParams
-from vattn_ray.bench.elastic import replica_memory
 from vattn_ray.config import EngineArgs
 from vattn_ray.elastic import ElasticConfig, ElasticPair
+from vattn_ray.elastic import stage as stage_fns
 from vattn_ray.model.builder import build_random_checkpoint
 from vattn_ray.ray_executor import WORKER_ENV
 
@@ -84,7 +84,7 @@ def _run(path: str, dtype: str, n: int, vocab: int) -> dict:
                       gpu_memory_utilization=0.5)
     pair = ElasticPair(args, ElasticConfig(enabled=False), ray_workers=True)
     try:
-        devices = [r["device"] for e in pair.replicas for r in e.executor.run_on_workers(replica_memory)]
+        devices = [r["device"] for e in pair.replicas for r in e.executor.run_on_workers(stage_fns.memory)]
         prompts = _prompts(n, vocab, seed=1)
         plain = _serve(pair, prompts, {})
         events = []

@@ -67,22 +67,6 @@ def build_checkpoint(kind: str, out_dir: str, num_layers: int | None) -> str:
     return out_dir
 
 
-def replica_memory(worker) -> dict:
-    """One rank's memory: weights on pages, KV cache, device totals (a `run_on_workers` function)."""
-    import torch
-
-    st = worker.elastic
-    page = st.pages.memory.page_bytes
-    counts = st.pages.counts()
-    out = {"device": str(worker.device), "page_bytes": page,
-           "weight_layer_bytes": page * sum(n for h, n in counts.items() if h.startswith("layer.")),
-           "kv_bytes": page * counts.get("kv", 0), "kv_page_groups": worker.kv.num_page_groups}
-    if worker.device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(worker.device)
-        out |= {"device_total_bytes": total, "device_free_bytes": free}
-    return out
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vattn_ray.bench elastic", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from vattn_ray.bench.provenance import device_info, versions
     from vattn_ray.config import EngineArgs, read_hf_config
     from vattn_ray.elastic import ElasticConfig, ElasticPair
+    from vattn_ray.elastic import stage as stage_fns
 
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     ver = versions()
@@ -179,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         result["replica"] = {"kv_page_groups": pair.replica_groups, "tokens_per_page_group": layout.tokens_per_group,
                              "kv_tokens": pair.replica_groups * layout.tokens_per_group,
                              "kv_bytes_per_token": layout.token_bytes * layout.num_tensors,
-                             "ranks": [r for e in pair.replicas for r in e.executor.run_on_workers(replica_memory)]}
+                             "ranks": [r for e in pair.replicas for r in e.executor.run_on_workers(stage_fns.memory)]}
         result["warm_up"] = passes.warm_up(pair, vocab, args.max_model_len, not args.no_warm_up_transitions)
         t = mark("warm_up", t)
         left = deadline - time.monotonic() - SHUTDOWN_RESERVE_S

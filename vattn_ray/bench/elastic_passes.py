@@ -140,7 +140,10 @@ def _summary(pair, args, start, stopped, sent, in_trace, arrival, ttft, done_at,
     slo = sum(1 for rid in done_at if ttft.get(rid, math.inf) <= args.slo_ttft_s)
     merges = [e for e in events if e["event"] == "merge"]
     splits = [e for e in events if e["event"] == "split"]
-    ms = lambda xs, q: 1000 * percentile(xs, q) if xs else None  # noqa: E731
+
+    def ms(xs: list[float], q: float) -> float | None:
+        return 1000 * percentile(xs, q) if xs else None
+
     return {
         "sent": sent, "completed": len(done_at), "trace_cut": sent < in_trace,
         "burst_requests": len(burst),
