@@ -8,6 +8,7 @@ restored layers travel over a real two-member gloo group between them.
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -115,9 +116,24 @@ def test_weights_on_pages_lend_to_kv_and_come_back():
         pages.close()
 
 
-def test_merge_and_split_mid_run_keep_greedy_outputs(ckpt, reference):
+@pytest.mark.parametrize("where", ["in-process", "ray-workers"])
+def test_merge_and_split_mid_run_keep_greedy_outputs(ckpt, reference, where):
+    """`ray-workers`: each replica's worker is a Ray actor (its own process, as on the GPUs), the
+    two start at once, and the pair's link runs between the two processes."""
     prompts, want = reference
-    pair = ElasticPair(EngineArgs(model=ckpt, **ENGINE), ElasticConfig(enabled=False))
+    if where == "ray-workers":
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        _merge_and_split_mid_run(ckpt, prompts, want, ray_workers=where == "ray-workers")
+    finally:
+        if where == "ray-workers":
+            ray.shutdown()
+
+
+def _merge_and_split_mid_run(ckpt, prompts, want, ray_workers: bool) -> None:
+    pair = ElasticPair(EngineArgs(model=ckpt, **ENGINE), ElasticConfig(enabled=False), ray_workers=ray_workers)
     events = {}
 
     def merge():
@@ -129,6 +145,9 @@ def test_merge_and_split_mid_run_keep_greedy_outputs(ckpt, reference):
         _check(pair, [(0, 4), (0, 4)])
 
     try:
+        if ray_workers:
+            pids = [pid for e in pair.replicas for pid in e.executor.pids]
+            assert len(set(pids)) == 2 and os.getpid() not in pids
         _check(pair, [(0, 4), (0, 4)])
         done = _run(pair, prompts, {6: merge, 20: split, 30: merge})
         assert sorted(done) == sorted(f"r{i}" for i in range(len(prompts)))  # none lost
