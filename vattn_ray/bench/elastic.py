@@ -100,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-state-s", type=float, default=5.0, help="least time merged or split")
     p.add_argument("--no-warm-up-transitions", action="store_true",
                    help="warm up on the split pair only (no merge and split before the passes)")
+    p.add_argument("--ray-workers", action="store_true",
+                   help="each replica's worker in a Ray actor on CPU too (always so on CUDA)")
     p.add_argument("--deadline-s", type=float, default=0.0,
                    help="seconds from start by which the run ends, passes cut to fit (0: none)")
     p.add_argument("--seed", type=int, default=0)
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = passes.trace_prompts(trace, vocab, args.seed)
     result["requests_in_trace"] = len(trace)
     result["burst_requests_in_trace"] = sum(1 for x in trace if x[3])
-    pair = ElasticPair(engine, ElasticConfig(enabled=False, **policy), ray_workers=cuda)
+    pair = ElasticPair(engine, ElasticConfig(enabled=False, **policy), ray_workers=cuda or args.ray_workers)
     try:
         t = mark("engine_start", t)
         layout = pair.layout
@@ -170,9 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         left = deadline - time.monotonic() - SHUTDOWN_RESERVE_S
         result["without_elasticity"] = passes.run_pass(pair, trace, prompts, args, time.monotonic() + left / 2)
         t = mark("without_elasticity", t)
+        _stop_if_interrupted(result["without_elasticity"])
         pair.set_policy(ElasticConfig(enabled=True, **policy))
         result["with_elasticity"] = passes.run_pass(pair, trace, prompts, args, deadline - SHUTDOWN_RESERVE_S)
         t = mark("with_elasticity", t)
+        _stop_if_interrupted(result["with_elasticity"])
         pair.check_integrity()
         result["integrity_checked"] = True
         t = mark("integrity_check", t)
@@ -187,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
                                              "output_tokens_per_s", "merges", "splits", "restore_s")}
         for side in ("without_elasticity", "with_elasticity")}, indent=2))
     return 0
+
+
+def _stop_if_interrupted(pass_result: dict) -> None:
+    if pass_result["interrupted"]:
+        raise KeyboardInterrupt("stopped during a pass")
 
 
 def _interrupt(signum, frame) -> None:

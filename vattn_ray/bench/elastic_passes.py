@@ -97,38 +97,46 @@ def run_pass(pair, trace, prompts, args, hard_end: float) -> dict:
     start = time.monotonic()
     end = min(start + args.duration_s + args.drain_s, hard_end)
     nxt = 0
-    while (nxt < len(trace) or pair.has_work()) and time.monotonic() < end:
-        now = time.monotonic()
-        while nxt < len(trace) and trace[nxt][0] <= now - start:
-            at, _, out_len, burst = trace[nxt]
-            rid = f"q{nxt}"
-            pair.add_request(rid, prompts[nxt], SamplingParams(max_tokens=out_len, temperature=0.0,
-                                                               ignore_eos=True))
-            arrival[rid] = (start + at, burst)
-            nxt += 1
-        if not pair.has_work():
-            time.sleep(max(0.0, min(0.05, start + trace[nxt][0] - time.monotonic())) if nxt < len(trace) else 0)
-            continue
-        for req in pair.step():
-            rid = req.request_id
-            if rid not in ttft and req.first_token_time is not None:
-                ttft[rid] = req.first_token_time - arrival[rid][0]
-            tokens[rid] = len(req.token_ids)
-            if req.finished:
-                done_at[rid] = time.monotonic()
+    interrupted = False
+    try:
+        while (nxt < len(trace) or pair.has_work()) and time.monotonic() < end:
+            now = time.monotonic()
+            while nxt < len(trace) and trace[nxt][0] <= now - start:
+                at, _, out_len, burst = trace[nxt]
+                rid = f"q{nxt}"
+                pair.add_request(rid, prompts[nxt], SamplingParams(max_tokens=out_len, temperature=0.0,
+                                                                   ignore_eos=True))
+                arrival[rid] = (start + at, burst)
+                nxt += 1
+            if not pair.has_work():
+                time.sleep(max(0.0, min(0.05, start + trace[nxt][0] - time.monotonic())) if nxt < len(trace) else 0)
+                continue
+            for req in pair.step():
+                rid = req.request_id
+                if rid not in ttft and req.first_token_time is not None:
+                    ttft[rid] = req.first_token_time - arrival[rid][0]
+                tokens[rid] = len(req.token_ids)
+                if req.finished:
+                    done_at[rid] = time.monotonic()
+    except KeyboardInterrupt:  # stopped from outside: report what was measured
+        interrupted = True
     stopped = time.monotonic()
-    for rid in list(pair.requests):
-        pair.abort_request(rid)  # cut by the drain limit: counted as sent, not completed
-    while pair.has_work():
-        pair.step()
     events = pair.events[events_before:]
-    if pair.merged:  # the pass ended merged: split now, so the next phase starts whole (and restore is timed)
-        events.append(pair.split("end of pass"))
-    return _summary(pair, args, start, stopped, nxt, len(trace), arrival, ttft, done_at, tokens,
-                    pair.preemptions() - preempt_before, events)
+    if not interrupted:
+        for rid in list(pair.requests):
+            pair.abort_request(rid)  # cut by the drain limit: counted as sent, not completed
+        while pair.has_work():
+            pair.step()
+        events = pair.events[events_before:]
+        if pair.merged:  # the pass ended merged: split now, so the next phase starts whole (restore timed)
+            events.append(pair.split("end of pass"))
+    out = _summary(args, start, stopped, nxt, len(trace), arrival, ttft, done_at, tokens,
+                   pair.preemptions() - preempt_before, events)
+    out["interrupted"] = interrupted
+    return out
 
 
-def _summary(pair, args, start, stopped, sent, in_trace, arrival, ttft, done_at, tokens, preemptions,
+def _summary(args, start, stopped, sent, in_trace, arrival, ttft, done_at, tokens, preemptions,
              events) -> dict:
     # A request that got no first token before the pass stopped enters the percentiles with the
     # time it had waited by then: a lower bound of its TTFT (counted in *_without_first_token).
