@@ -16,8 +16,15 @@ set -uo pipefail
 out="${1:?output folder}"
 mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+# The machine's RAM shows up as it is used (MemTotal starts far below it), so Ray's memory monitor
+# would judge usage against too small a total and could stop the workers mid-run: it is off.
+export RAY_memory_monitor_refresh_ms=0
 budget="${VATTN_ELASTIC_BUDGET_S:-550}"
-ckpt="${VATTN_ELASTIC_CKPT:-/tmp/q32}"
+# The checkpoint goes to memory (/dev/shm) when it has room: no writeback of 65 GB to the disk.
+shm_free=$(df -B1 --output=avail /dev/shm 2>/dev/null | tail -1)
+default_ckpt=/tmp/q32
+[ "${shm_free:-0}" -gt 80000000000 ] 2>/dev/null && default_ckpt=/dev/shm/q32
+ckpt="${VATTN_ELASTIC_CKPT:-$default_ckpt}"
 kv_bytes="${VATTN_ELASTIC_KV_BYTES:-4294967296}"
 tests_s="${VATTN_ELASTIC_TESTS_S:-190}"
 read -r -a extra <<< "${VATTN_ELASTIC_BENCH_ARGS:-}"
