@@ -204,7 +204,9 @@ class ElasticPair:
                 continue
             o = out.outputs[0]
             if o.logprobs is not None:
-                req.logprobs = (req.logprobs or []) + list(o.logprobs)
+                if req.logprobs is None:
+                    req.logprobs = []
+                req.logprobs.extend(o.logprobs)
             if o.token_ids:
                 req.token_ids.extend(o.token_ids)
                 req.started = True
