@@ -3,7 +3,7 @@
 # checkpoint, then the bursty benchmark with and without elasticity (restore time included).
 # Usage: bash vattn_ray/bench/gpu_elastic.sh OUT_DIR     (Ray importable, e.g. PYTHONPATH=/tmp/site:$PWD)
 # The whole call ends within $VATTN_ELASTIC_BUDGET_S seconds (default 550), writing what it has:
-#   OUT_DIR/gpu_tests.log        pytest of tests/gpu/test_elastic_cuda.py
+#   OUT_DIR/gpu_tests.log        pytest of tests/gpu/test_elastic_cuda.py (last 8 MB)
 #   OUT_DIR/elastic_parity.json  what those tests measured
 #   OUT_DIR/build.log            the checkpoint build (weights drawn on GPU 0, meanwhile the tests run)
 #   OUT_DIR/elastic_2xh200.json  the benchmark (rewritten after every phase; "complete": true at the end)
@@ -45,7 +45,7 @@ build_pid=$!
 
 stamp "GPU tests (at most $tests_s s)"
 VATTN_RESULTS_DIR="$out" timeout -k 10 "$tests_s" python3 -m pytest -q -s -p no:cacheprovider \
-    tests/gpu/test_elastic_cuda.py > "$out/gpu_tests.log" 2>&1 || status=1
+    tests/gpu/test_elastic_cuda.py 2>&1 | tail -c 8000000 > "$out/gpu_tests.log" || status=1
 tail -4 "$out/gpu_tests.log"
 python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1 || true  # actors of a test cut by timeout
 
