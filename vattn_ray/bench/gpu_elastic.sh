@@ -39,7 +39,8 @@ python3 -c "import torch, ray; print('torch', torch.__version__, 'ray', ray.__ve
 # The build writes ~65 GB through the page cache with GPU 0 drawing the values: it runs beside the
 # tests, which leave each GPU half free (gpu_memory_utilization=0.5).
 stamp "build of $ckpt starts in the background"
-(python3 -m vattn_ray.bench elastic --build 32b --ckpt-dir "$ckpt" --build-only > "$out/build.log" 2>&1;
+# It must end by 300 s, leaving the benchmark about four minutes.
+(timeout -k 5 300 python3 -m vattn_ray.bench elastic --build 32b --ckpt-dir "$ckpt" --build-only > "$out/build.log" 2>&1;
  echo "exit $?" >> "$out/build.log") &
 build_pid=$!
 
