@@ -99,3 +99,33 @@ def test_the_70b_preset_has_the_llama_3_70b_shape():
     layer = attn + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
     params = c.num_hidden_layers * layer + 2 * c.vocab_size * c.hidden_size + c.hidden_size
     assert 70.5e9 < params < 70.6e9
+
+
+def test_streamed_build_loads_through_the_normal_path(tmp_path):
+    """Weights drawn by torch on a device and streamed to the files (the large-checkpoint build,
+    run here on the host): standard safetensors, same names and shapes, deterministic, same law."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    kw = dict(seed=3, dtype="bfloat16", max_shard_bytes=150_000, generate_on="cpu")
+    a = build_random_checkpoint(str(tmp_path / "a"), "llama", **kw)
+    b = build_random_checkpoint(str(tmp_path / "b"), "llama", **kw)
+    ref = build_random_checkpoint(str(tmp_path / "ref"), "llama", seed=3, dtype="bfloat16", max_shard_bytes=150_000)
+    assert files_of(a) == files_of(b)
+    index = json.load(open(os.path.join(a, "model.safetensors.index.json")))
+    assert index["weight_map"] == json.load(open(os.path.join(ref, "model.safetensors.index.json")))["weight_map"]
+    ours = load_model(a, dtype=torch.bfloat16, device="cpu").state_dict()
+    theirs = load_model(ref, dtype=torch.bfloat16, device="cpu").state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert ours[k].shape == theirs[k].shape and not torch.equal(ours[k], theirs[k]), k
+        x, y = ours[k].float(), theirs[k].float()
+        center, half = (1.0, 0.1 * 3 ** 0.5) if k.endswith("norm.weight") else (0.0, 0.2 * 3 ** 0.5)
+        assert (x - center).abs().max() <= half * 1.01, k  # U(center - half, center + half), bf16-rounded
+        if x.numel() >= 4096:  # large enough for the moments to match closely
+            assert abs(x.mean() - y.mean()) < 0.05 * y.std() and abs(x.std() - y.std()) < 0.05 * y.std(), k
+    for fname in set(index["weight_map"].values()):
+        with safe_open(os.path.join(a, fname), framework="pt") as f:
+            assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+    hf = AutoModelForCausalLM.from_pretrained(a)  # transformers reads the files too
+    assert torch.equal(hf.model.embed_tokens.weight, ours["embed_tokens.weight"])

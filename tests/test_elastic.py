@@ -8,6 +8,7 @@ restored layers travel over a real two-member gloo group between them.
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -115,9 +116,24 @@ def test_weights_on_pages_lend_to_kv_and_come_back():
         pages.close()
 
 
-def test_merge_and_split_mid_run_keep_greedy_outputs(ckpt, reference):
+@pytest.mark.parametrize("where", ["in-process", "ray-workers"])
+def test_merge_and_split_mid_run_keep_greedy_outputs(ckpt, reference, where):
+    """`ray-workers`: each replica's worker is a Ray actor (its own process, as on the GPUs), the
+    two start at once, and the pair's link runs between the two processes."""
     prompts, want = reference
-    pair = ElasticPair(EngineArgs(model=ckpt, **ENGINE), ElasticConfig(enabled=False))
+    if where == "ray-workers":
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        _merge_and_split_mid_run(ckpt, prompts, want, ray_workers=where == "ray-workers")
+    finally:
+        if where == "ray-workers":
+            ray.shutdown()
+
+
+def _merge_and_split_mid_run(ckpt, prompts, want, ray_workers: bool) -> None:
+    pair = ElasticPair(EngineArgs(model=ckpt, **ENGINE), ElasticConfig(enabled=False), ray_workers=ray_workers)
     events = {}
 
     def merge():
@@ -129,6 +145,9 @@ def test_merge_and_split_mid_run_keep_greedy_outputs(ckpt, reference):
         _check(pair, [(0, 4), (0, 4)])
 
     try:
+        if ray_workers:
+            pids = [pid for e in pair.replicas for pid in e.executor.pids]
+            assert len(set(pids)) == 2 and os.getpid() not in pids
         _check(pair, [(0, 4), (0, 4)])
         done = _run(pair, prompts, {6: merge, 20: split, 30: merge})
         assert sorted(done) == sorted(f"r{i}" for i in range(len(prompts)))  # none lost
@@ -142,6 +161,43 @@ def test_merge_and_split_mid_run_keep_greedy_outputs(ckpt, reference):
         assert s["restore_bytes"] > 0 and s["restore_s"] >= 0
         assert pair.metrics()["merges"] == 2 and pair.metrics()["splits"] == 1
         _check(pair, [(0, 2), (2, 4)])
+    finally:
+        pair.shutdown()
+
+
+def test_resumed_requests_yield_to_new_ones_at_a_merge(ckpt, reference):
+    """At a merge, requests still waiting for their first token go to the head at once; those that
+    already have tokens are recomputed after them, and every output is still the greedy one."""
+    prompts, want = reference
+    pair = ElasticPair(EngineArgs(model=ckpt, **{**ENGINE, "max_num_batched_tokens": 64}),
+                       ElasticConfig(enabled=False))
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=2)
+    try:
+        for i, p in enumerate(prompts[:6]):
+            pair.add_request(f"r{i}", p, params)
+        while not all(r.token_ids for r in pair.requests.values()):
+            pair.step()
+        for i, p in enumerate(prompts[6:], start=6):
+            pair.add_request(f"r{i}", p, params)
+        pair.merge("test")
+        fresh = {r.request_id for r in pair.requests.values() if r.first_token_time is None}
+        resumed = set(pair.requests) - fresh
+        assert len(fresh) == 6 and len(resumed) == 6
+        assert all((pair.requests[r].engine is pair.head) == (r in fresh) for r in pair.requests)
+        progress_at: dict[str, int] = {}  # step at which each request first produced a token after the merge
+        done, step = {}, 0
+        while pair.has_work():
+            for req in pair.step():
+                progress_at.setdefault(req.request_id, step)
+                if req.finished:
+                    done[req.request_id] = req
+            step += 1
+        assert max(progress_at[r] for r in fresh) <= min(progress_at[r] for r in resumed)
+        assert [done[f"r{i}"].token_ids for i in range(len(prompts))] == want
+        for req in done.values():  # one log-probability entry per token, across the move
+            assert len(req.logprobs) == MAX_TOKENS
+            assert all(tok in entry for tok, entry in zip(req.token_ids, req.logprobs))
+        pair.check_integrity()
     finally:
         pair.shutdown()
 
@@ -185,15 +241,25 @@ def test_bench_smoke(ckpt, tmp_path):
                        "--output-len", "100", "--check-interval-s", "0.05", "--min-state-s", "0.2",
                        "--merge-usage", "0.6", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
+    assert result["complete"] and result["git_commit"] and result["device"]["type"] == "cpu"
+    assert {"torch", "python", "git"} <= set(result["versions"])
     for side in ("with_elasticity", "without_elasticity"):
         r = result[side]
         assert r["sent"] == r["completed"] == result["requests_in_trace"] > 0
+        assert r["burst_without_first_token"] == 0 and not r["trace_cut"]
         for key in ("ttft_p99_burst_ms", "ttft_p50_burst_ms", "output_tokens_per_s"):
             assert r[key] > 0, (side, key)
     assert result["without_elasticity"]["merges"] == 0
     w = result["with_elasticity"]
     assert w["merges"] >= 1 and w["splits"] >= 1 and len(w["restore_s"]) == w["splits"]
     assert w["kv_tokens_merged"][0] > w["kv_tokens_before_merge"][0]
+    # The warm-up merged and split once too; every restore is in `restore`.
+    assert [e["event"] for e in result["warm_up"]["events"]] == ["merge", "split"]
+    assert len(result["restore"]["restore_s"]) == 1 + w["splits"]
+    assert set(result["done_when"]) == {"ttft_p99_burst_ratio_le_0.2", "throughput_ratio_ge_0.95", "restore_lt_2s"}
+    assert result["replica"]["kv_tokens"] == 320 and result["replica"]["ranks"][0]["kv_page_groups"] == 40
+    assert {"build", "engine_start", "warm_up", "without_elasticity", "with_elasticity", "total"} <= set(
+        result["timings_s"])
 
 
 def test_requests_that_cannot_fit_a_replica_are_refused(ckpt):

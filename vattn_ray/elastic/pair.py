@@ -6,8 +6,11 @@ layers [0, L/2) and replica B layers [L/2, L); each lends its other half's weigh
 cache laid out for its half, and one head (`LLMEngine` over a `PipelineExecutor`) schedules for
 both. A transition drains every step in flight and moves the unfinished requests to the new
 owner(s) as recomputation: prompt plus the tokens generated so far, with what remains of
-`max_tokens`, so nothing is lost and greedy outputs do not change. At split the dropped layers are
-copied back from the peer (`stage.split`), timed.
+`max_tokens`, so nothing is lost and greedy outputs do not change. Requests still waiting for
+their first token move at once; those that already have tokens (*resumed*) yield to them: they are
+handed to their new engine only while its unstarted work is under one step's token budget, so a
+burst's new requests are not queued behind the recomputation of everything that was running. At
+split the dropped layers are copied back from the peer (`stage.split`), timed.
 
 Requests here are single-sequence (`n == 1`); outputs are the tokens of the whole generation.
 """
@@ -18,6 +21,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -47,6 +51,7 @@ class PairRequest:
     sub_id: str = ""
     moves: int = 0
     started: bool = False  # produced a token on its current engine (else it counts as waiting)
+    logprobs: list[dict] | None = None  # per generated token, when the params ask for them
 
 
 class ElasticPair:
@@ -67,14 +72,9 @@ class ElasticPair:
         self._threads = ThreadPoolExecutor(2, thread_name_prefix="elastic-pair")
         self._next_check = 0.0
         self._retired_preemptions = 0  # preemptions counted by heads of earlier merges
+        self._resumed: deque[PairRequest] = deque()  # moved with tokens, not handed to an engine yet
         try:
-            for _ in range(2):
-                executor = None
-                if ray_workers:
-                    from vattn_ray.ray_executor import RayExecutor
-
-                    executor = RayExecutor(self.config)
-                self.replicas.append(LLMEngine(self.config, executor=executor))
+            self._start_replicas(ray_workers)
             self._both(lambda e: e.executor.run_on_workers(stage_fns.enable))
             addrs = self.replicas[0].executor.run_on_workers(stage_fns.pair_address)
             timeout = max(60.0, self.config.step_timeout_s)
@@ -88,6 +88,26 @@ class ElasticPair:
         logger.info("elastic pair ready: 2 replicas x TP=%d, merge at KV usage >= %.0f%%, split below %.0f%%",
                     self.config.parallel.tensor_parallel_size, 100 * self.elastic.merge_kv_usage,
                     100 * self.elastic.split_kv_usage)
+
+    def _start_replicas(self, ray_workers: bool) -> None:
+        """Two engines; with Ray workers both load at once (each on its own devices)."""
+        if not ray_workers:
+            self.replicas += [LLMEngine(self.config) for _ in range(2)]
+            return
+        from vattn_ray.ray_executor import RayExecutor, ensure_ray
+
+        ensure_ray()
+        executors = [RayExecutor(self.config) for _ in range(2)]
+        futures = [self._threads.submit(LLMEngine, self.config, executor=x) for x in executors]
+        errors = []
+        for fut, executor in zip(futures, executors):
+            try:
+                self.replicas.append(fut.result())
+            except BaseException as exc:  # noqa: BLE001 - the other replica is shut down below
+                errors.append(exc)
+                executor.shutdown()
+        if errors:
+            raise errors[0]
 
     def _both(self, fn, indexed: bool = False) -> list:
         """`fn(replica)` (or `fn(replica, index)`) on both replicas at once; both results."""
@@ -129,13 +149,29 @@ class ElasticPair:
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
-        req.engine.abort_request(req.sub_id)
-        self._by_sub.pop(req.sub_id, None)
+        if req.engine is None:
+            self._resumed.remove(req)
+        else:
+            req.engine.abort_request(req.sub_id)
+            self._by_sub.pop(req.sub_id, None)
         req.finished, req.finish_reason = True, "abort"
         return True
 
     def has_work(self) -> bool:
         return bool(self.requests) or any(e.has_work() for e in self._engines())
+
+    def _hand_over_resumed(self) -> None:
+        """Give resumed requests to an engine whose unstarted work is under one step's budget."""
+        budget = self.config.scheduler.max_num_batched_tokens
+        while self._resumed:
+            engine = self.head or self._least_loaded()
+            if self._unstarted_tokens(engine) >= budget:
+                return
+            self._place(self._resumed.popleft(), engine)
+
+    def _unstarted_tokens(self, engine: LLMEngine) -> int:
+        return sum(len(r.prompt_token_ids) + len(r.token_ids) for r in self.requests.values()
+                   if r.engine is engine and not r.started)
 
     def _engines(self) -> list[LLMEngine]:
         return [self.head] if self.head is not None else self.replicas
@@ -150,6 +186,8 @@ class ElasticPair:
             decision = self.coordinator.observe(self.loads(), self.merged, now)
             if decision is not None:
                 (self.merge if decision.action == "merge" else self.split)(decision.reason)
+        if self._resumed:
+            self._hand_over_resumed()
         engines = self._engines()
         if len(engines) == 1:
             outs = engines[0].step()
@@ -165,6 +203,10 @@ class ElasticPair:
             if req is None:
                 continue
             o = out.outputs[0]
+            if o.logprobs is not None:
+                if req.logprobs is None:
+                    req.logprobs = []
+                req.logprobs.extend(o.logprobs)
             if o.token_ids:
                 req.token_ids.extend(o.token_ids)
                 req.started = True
@@ -181,12 +223,16 @@ class ElasticPair:
         """Each replica's KV load; while merged, the head's load in the units of the two replicas
         it would split into (their page groups, their total capacity), so that "usage below the
         split threshold" means the split replicas would be that full."""
+        resumed = sum(self.layout.groups_for_tokens(len(r.prompt_token_ids) + len(r.token_ids) + 1)
+                      for r in self._resumed)  # in the replicas' page groups
         if self.head is None:
-            return [self._load_of(e) for e in self.replicas]
+            loads = [self._load_of(e) for e in self.replicas]
+            share = -(-resumed // len(loads))  # they will go to either replica
+            return [dataclasses.replace(l, waiting_groups=l.waiting_groups + share) for l in loads]
         load = self._load_of(self.head)
         scale = self.head.layout.tokens_per_group / self.layout.tokens_per_group
         return [ReplicaLoad(2 * self.replica_groups, math.ceil(load.used_groups * scale),
-                            math.ceil(load.waiting_groups * scale))]
+                            math.ceil(load.waiting_groups * scale) + resumed)]
 
     def _least_loaded(self) -> LLMEngine:
         def room(e: LLMEngine) -> int:
@@ -215,6 +261,14 @@ class ElasticPair:
             req.engine, req.moves = None, req.moves + 1
         return moving
 
+    def _move(self, moving: list[PairRequest], engine_for) -> None:
+        """Requests without a first token go to `engine_for()` now; resumed ones wait their turn."""
+        for req in moving:
+            if req.first_token_time is None:
+                self._place(req, engine_for())
+        self._resumed = deque(sorted(list(self._resumed) + [r for r in moving if r.first_token_time is not None],
+                                     key=lambda r: r.arrival))
+
     def merge(self, reason: str = "requested") -> dict:
         """Become one two-stage pipeline; returns the event recorded."""
         if self.merged:
@@ -228,8 +282,7 @@ class ElasticPair:
         infos = [info for per in results for info, _ in per]
         executor = PipelineExecutor(self.config, [e.executor for e in self.replicas], infos)
         self.head = LLMEngine(self.config, executor=executor)
-        for req in moving:
-            self._place(req, self.head)
+        self._move(moving, lambda: self.head)
         event = self._record("merge", reason, start, kv_groups_before=before,
                              kv_groups_after=min(i.capacity_groups for i in infos),
                              tokens_per_group_before=self.layout.tokens_per_group,
@@ -254,8 +307,7 @@ class ElasticPair:
                 raise RuntimeError(f"restored KV layout {per[0][0].layout} differs from {e.layout}")
             e.scheduler.set_capacity([info.capacity_groups for info, _ in per])
         self.replica_groups = min(e.scheduler.stats.capacity_groups for e in self.replicas)
-        for req in moving:
-            self._place(req, self._least_loaded())
+        self._move(moving, self._least_loaded)
         restore = [per[0][1] for per in results]
         return self._record("split", reason, start, kv_groups_before=before,
                             kv_groups_after=[e.scheduler.stats.capacity_groups for e in self.replicas],

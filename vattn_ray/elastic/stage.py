@@ -314,6 +314,19 @@ def check(worker, expected: dict[int, int] | None = None) -> dict:
             "kv_groups": worker.kv.num_page_groups}
 
 
+def memory(worker) -> dict:
+    """This rank's device, its weights on pages, its KV cache and (CUDA) the device's memory."""
+    st: ElasticState = worker.elastic
+    page, counts = st.pages.memory.page_bytes, st.pages.counts()
+    out = {"device": str(worker.device), "page_bytes": page, "stage": st.stage,
+           "weight_layer_bytes": page * sum(n for h, n in counts.items() if h.startswith("layer.")),
+           "kv_bytes": page * counts.get("kv", 0), "kv_page_groups": worker.kv.num_page_groups}
+    if worker.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(worker.device)
+        out |= {"device_total_bytes": total, "device_free_bytes": free}
+    return out
+
+
 def close(worker) -> None:
     """Release the paged weights and pages (before `Worker.shutdown`)."""
     st: ElasticState | None = getattr(worker, "elastic", None)

@@ -3,6 +3,8 @@
 Used by tests (tiny shapes, float32) and by benchmarks (Llama-3-8B shapes, bf16). Weights are
 drawn tensor by tensor from numpy generators seeded by (seed, tensor name, chunk), so the files are
 identical on every run and independent of the thread count; no transformers model is instantiated.
+`generate_on="cuda"` draws them on the GPU instead and streams them to the files
+(`stream_writer.py`): the 32B-shaped build then runs at the speed of the host's page cache.
 """
 
 from __future__ import annotations
@@ -53,13 +55,16 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def build_random_checkpoint(out_dir: str, family: str, *, seed: int = 0, dtype: str = "float32",
                             preset: str = "tiny", init_std: float | None = None,
-                            max_shard_bytes: int | None = None, **shape_overrides) -> str:
+                            max_shard_bytes: int | None = None, generate_on: str | None = None,
+                            **shape_overrides) -> str:
     """Write a random Hugging Face checkpoint of `family` into `out_dir` and return `out_dir`.
 
     `shape_overrides` are config fields (hidden_size, num_key_value_heads, head_dim, rope_scaling,
     tie_word_embeddings, ...) applied on top of `preset`. With `max_shard_bytes` > 0 the weights are
     split into several `model-0000i-of-0000n.safetensors` files plus `model.safetensors.index.json`
     (None: the preset's default, 5 GiB shards for the 8B shapes; 0: one file).
+    `generate_on`: None draws the weights with numpy on the host; a torch device ("cuda", "cpu")
+    draws them with torch's generator there and streams them to the files (other values, same law).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; supported: {FAMILIES}")
@@ -72,7 +77,7 @@ def build_random_checkpoint(out_dir: str, family: str, *, seed: int = 0, dtype: 
     config.save_pretrained(out_dir)
     std = _INIT_STD[preset] if init_std is None else float(init_std)
     shard_bytes = _SHARD_BYTES[preset] if max_shard_bytes is None else int(max_shard_bytes)
-    _write_weights(out_dir, weight_shapes(config, family), seed, _DTYPES[dtype], std, shard_bytes)
+    _write_weights(out_dir, weight_shapes(config, family), seed, _DTYPES[dtype], std, shard_bytes, generate_on)
     save_tokenizer(out_dir, config.vocab_size, config.max_position_embeddings)
     logger.info("built random %s checkpoint (%s, %s) in %s", family, preset, dtype, out_dir)
     return out_dir
@@ -148,19 +153,23 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dty
 
 
 def _write_weights(out_dir: str, shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype,
-                   std: float, max_shard_bytes: int) -> None:
+                   std: float, max_shard_bytes: int, generate_on: str | None = None) -> None:
     shards = _plan_shards(shapes, torch.empty((), dtype=dtype).element_size(), max_shard_bytes)
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    weight_map, total = {}, 0
-    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        for fname, shard in zip(names, shards):
-            tensors = {k: random_tensor(k, shapes[k], seed, dtype, std, pool) for k in shard}
-            save_file(tensors, os.path.join(out_dir, fname), metadata={"format": "pt"})
-            for k, t in tensors.items():
-                weight_map[k] = fname
-                total += t.numel() * t.element_size()
-            del tensors
+    weight_map = {k: fname for fname, shard in zip(names, shards) for k in shard}
+    if generate_on is not None:
+        from vattn_ray.model.stream_writer import write_shards
+
+        total = write_shards(out_dir, shapes, shards, names, seed, dtype, std, generate_on)
+    else:
+        total = 0
+        with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+            for fname, shard in zip(names, shards):
+                tensors = {k: random_tensor(k, shapes[k], seed, dtype, std, pool) for k in shard}
+                save_file(tensors, os.path.join(out_dir, fname), metadata={"format": "pt"})
+                total += sum(t.numel() * t.element_size() for t in tensors.values())
+                del tensors
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
