@@ -204,7 +204,8 @@ def _interrupt(signum, frame) -> None:
 
 
 def _conclude(result: dict) -> None:
-    """Ratios, every restore measured (warm-up and passes), and the issue's three lines."""
+    """Ratios, every restore measured (warm-up and passes), and the three goals checked:
+    burst p99 TTFT <= 0.2x, throughput >= 0.95x, restore < 2 s."""
     w, wo = result.get("with_elasticity") or {}, result.get("without_elasticity") or {}
 
     def ratio(k: str) -> float | None:

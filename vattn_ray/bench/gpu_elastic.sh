@@ -9,7 +9,7 @@
 #   OUT_DIR/elastic_2xh200.json  the benchmark (rewritten after every phase; "complete": true at the end)
 #   OUT_DIR/bench.log            its log (last 8 MB)
 # The benchmark's KV budget is 4 GiB per replica (what a 32B bf16 model leaves on an 80 GB GPU), so
-# the weights are most of each replica's memory, as in the setting; change it with
+# the weights are most of each replica's memory (the setting elasticity is for); change it with
 # VATTN_ELASTIC_KV_BYTES. More benchmark options go in VATTN_ELASTIC_BENCH_ARGS (word-split, appended;
 # python -m vattn_ray.bench elastic --help lists them).
 set -uo pipefail
