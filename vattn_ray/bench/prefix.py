@@ -39,6 +39,7 @@ import torch
 
 from vattn_ray.bench import step_driver
 from vattn_ray.bench.provenance import device_info, versions
+from vattn_ray.bench.report import RunReport
 from vattn_ray.bench.vattn_system import GIB, VattnSystem, used_bytes
 from vattn_ray.bench.vllm_peer import launch
 from vattn_ray.bench.workloads import Job, percentile, random_prompt, warmup_job
@@ -233,11 +234,12 @@ def ratios(results: list[dict]) -> dict:
     return out
 
 
-class Report:
-    """The run's JSON, rewritten after every record (a run cut short loses nothing before it)."""
+class Report(RunReport):
+    """The run's JSON: one record per (system, workload), and the ratios."""
 
     def __init__(self, args, data: dict) -> None:
-        self.args, self.data = args, data
+        super().__init__(args.out, data)
+        self.args = args
 
     def __call__(self, system: str, job: ScheduleJob, meas: dict) -> None:
         rec = make_record(system, self.args.tp, job, meas)
@@ -245,27 +247,6 @@ class Report:
         self.data["ratios"] = ratios(self.data["results"])
         self.save()
         logger.info("result: %s", json.dumps({k: v for k, v in rec.items() if not isinstance(v, (list, dict))}))
-
-    def engine_start(self, system: str, seconds: float) -> None:
-        self.data["engine_start_s"][system] = seconds
-        self.save()
-
-    def peer(self, res: dict) -> None:
-        if res.get("available") is False:
-            self.data["versions"]["vllm"] = {"available": False, "reason": res["reason"]}
-        else:
-            self.data["versions"]["vllm"] = res.get("versions")
-            self.data["vllm_engine_args"] = res.get("engine_args")
-            if "engine_start_s" in res:
-                self.data["engine_start_s"]["vllm"] = res["engine_start_s"]
-        self.save()
-
-    def save(self) -> None:
-        if self.args.out:
-            tmp = self.args.out + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.data, f, indent=2)
-            os.replace(tmp, self.args.out)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

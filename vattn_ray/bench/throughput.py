@@ -42,6 +42,7 @@ import torch
 from vattn_ray.bench import hf_baselines
 from vattn_ray.bench.costs import ModelCosts
 from vattn_ray.bench.provenance import device_info, versions
+from vattn_ray.bench.report import RunReport
 from vattn_ray.bench.vattn_system import GIB, VattnSystem, sync, used_bytes
 from vattn_ray.bench.vllm_peer import launch
 from vattn_ray.bench.workloads import (Job, decode_latency_job, fixed_job, mixed_job, prefill_job,
@@ -303,32 +304,18 @@ def run_hf(name: str, args, jobs: list[Job], dtype: str, device: torch.device, e
         emit(name, job, meas)
 
 
-class Report:
-    """The run's JSON, rewritten after every record (a run cut short loses nothing before it)."""
+class Report(RunReport):
+    """The run's JSON: one record per (system, workload), the ratios and the baselines' ratios."""
 
     def __init__(self, args, costs: ModelCosts, bw: float | None, data: dict) -> None:
-        self.args, self.costs, self.bw, self.data = args, costs, bw, data
+        super().__init__(args.out, data)
+        self.args, self.costs, self.bw = args, costs, bw
 
     def __call__(self, system: str, job: Job, meas: dict) -> None:
         rec = make_record(system, self.args.tp, job, meas, self.costs, self.bw)
         self.data["results"].append(rec)
         self._finish()
         logger.info("result: %s", json.dumps({k: v for k, v in rec.items() if k != "profile"}))
-
-    def engine_start(self, system: str, seconds: float) -> None:
-        self.data["engine_start_s"][system] = seconds
-        self.save()
-
-    def peer(self, res: dict) -> None:
-        if res.get("available") is False:
-            self.data["versions"]["vllm"] = {"available": False, "reason": res["reason"]}
-        else:
-            self.data["versions"]["vllm"] = res.get("versions")
-            self.data["vllm_engine_args"] = res.get("engine_args")
-            self.data["vllm_parallel"] = res.get("parallel")  # the TP size vLLM reports it ran with
-            if "engine_start_s" in res:
-                self.data["engine_start_s"]["vllm"] = res["engine_start_s"]
-        self.save()
 
     def _finish(self) -> None:
         results = self.data["results"]
@@ -339,13 +326,6 @@ class Report:
             if ours and r.get("output_tokens_per_s") and r["system"] in ("hf", "hf-cb", "vattn-g1"):
                 r["ratio_vs_vattn"] = r["output_tokens_per_s"] / ours["output_tokens_per_s"]
         self.save()
-
-    def save(self) -> None:
-        if self.args.out:
-            tmp = self.args.out + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.data, f, indent=2)
-            os.replace(tmp, self.args.out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -143,13 +143,18 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dty
             fill(s)
     else:
         list(pool.map(fill, starts))
-    t = torch.from_numpy(out).view(shape)
+    return scale_uniform(torch.from_numpy(out).view(shape), name, std).to(dtype)
+
+
+def scale_uniform(t: torch.Tensor, name: str, std: float) -> torch.Tensor:
+    """Map U[0, 1) values in place to a tensor's initial distribution: U(-a, a) with std `std`
+    (0.1 for norms and biases), norms centred on 1."""
     is_norm = name.endswith("norm.weight")
     half_width = (0.1 if is_norm or name.endswith(".bias") else std) * 3 ** 0.5  # U(-a, a): std a/sqrt(3)
     t.mul_(2 * half_width).sub_(half_width)
     if is_norm:
         t.add_(1.0)
-    return t.to(dtype)
+    return t
 
 
 def _write_weights(out_dir: str, shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype,

@@ -32,13 +32,10 @@ def draw(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype, std: 
     numel = 1
     for n in shape:
         numel *= n
+    from vattn_ray.model.builder import scale_uniform  # builder imports this module lazily too
+
     t = torch.rand(numel, generator=gen, device=device, dtype=torch.float32)
-    is_norm = name.endswith("norm.weight")
-    half_width = (0.1 if is_norm or name.endswith(".bias") else std) * 3 ** 0.5  # U(-a, a): std a/sqrt(3)
-    t.mul_(2 * half_width).sub_(half_width)
-    if is_norm:
-        t.add_(1.0)
-    return t.to(dtype)
+    return scale_uniform(t, name, std).to(dtype)
 
 
 def header_bytes(entries: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> tuple[bytes, list[int]]:
