@@ -1,6 +1,7 @@
 """`--plot` of the throughput and kv benchmarks on real (small) CPU runs; redrawing a figure from
 a report's JSON with `python -m vattn_ray.bench plots`; and every report kind (serving, serving
-comparison, throughput, kv, attention, all-reduce, TP) drawn from small synthetic reports of its
+comparison, throughput, kv, attention, all-reduce, TP, prefix caching, elastic memory) drawn from
+small synthetic reports of its
 benchmark's JSON structure (a serving figure of a real run is drawn by tests/test_bench_serving.py,
 which has a server running)."""
 
@@ -155,6 +156,42 @@ def _tp() -> dict:
             "groups": [group(1, "in-process", 0.3, 13.2), group(2, "compiled graph", 250.0, 12.2, 1.7)]}
 
 
+def _prefix(unavailable=False) -> dict:
+    rng = random.Random(0)
+    results = []
+    for w, n, scale in (("shared", 30, 5.0), ("multiturn", 16, 0.3)):
+        for system, slow in (("vattn", 1.0), ("vattn-nocache", 4.0), ("vllm", 1.1)):
+            rec = {"system": system, "tp": 1, "workload": w, "kind": "schedule"}
+            if unavailable and system == "vllm":
+                results.append({**rec, "output_tokens_per_s": None, "unavailable": "vllm is not importable"})
+                continue
+            sent = [i * 0.01 for i in range(n)]
+            first = [s + slow * scale * rng.uniform(0.1, 1.0) for s in sent]
+            done = [f + 2.0 for f in first]
+            ttft = sorted(1e3 * (f - s) for s, f in zip(sent, first))
+            results.append({**rec, "requests": n, "seconds": max(done), "output_tokens_per_s": 128 * n / max(done),
+                            "ttft_p50_ms": ttft[n // 2], "ttft_p99_ms": ttft[-1],
+                            "per_request": {"sent_at": sent, "first_token_at": first, "finished_at": done,
+                                            "output_tokens": [128] * n, "cached_tokens": [0] * n}})
+    return {"config": {"dtype": "bfloat16", "tp": 1}, "device": {"name": "NVIDIA H200", "count": 1},
+            "jobs": {"shared": {"requests": 30}, "multiturn": {"requests": 16}}, "results": results}
+
+
+def _elastic() -> dict:
+    def run(ttft_ms, missing, tput, events):
+        return {"sent": 340, "completed": 340 - 2 * missing, "burst_requests": 265, "ttft_p50_burst_ms": ttft_ms,
+                "ttft_p99_burst_ms": 4 * ttft_ms, "burst_without_first_token": missing, "seconds": 99.9,
+                "output_tokens_per_s": tput, "preemptions": 2 * missing, "events": events}
+
+    merge = {"event": "merge", "reason": "KV usage 97%", "duration_s": 1.2, "requests_recomputed": 53, "t_s": 11.5}
+    split = {"event": "split", "reason": "KV usage 40%", "duration_s": 3.6, "restore_s": 0.31, "t_s": 70.0}
+    return {"benchmark": "elastic", "device": {"name": "NVIDIA H200", "count": 2},
+            "argv": {"rate": 2.0, "burst_factor": 5.0, "bursts": [5.0], "burst_s": 25.0, "duration_s": 60.0},
+            "without_elasticity": run(43000.0, 68, 1000.0, []),
+            "with_elasticity": run(580.0, 0, 1650.0, [merge, split]),
+            "restore": {"restore_s_max": 0.31}}
+
+
 def _axes_of(fig) -> dict:
     return {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
 
@@ -168,6 +205,9 @@ CASES = {  # name: (report, its kind, axes in the figure with the twin axes)
     "attention_prefill_only": (_attention(decode=False), "attention", 1),
     "allreduce": (_allreduce(), "allreduce", 2),
     "tp": (_tp(), "tp", 3),
+    "prefix": (_prefix(), "prefix", 3),
+    "prefix_peer_unavailable": (_prefix(unavailable=True), "prefix", 3),
+    "elastic": (_elastic(), "elastic", 3),
 }
 
 
@@ -237,6 +277,44 @@ def test_throughput_figure_keeps_each_run_to_its_own_kv_samples(tmp_path):
     labels = [t.get_text() for t in prof.get_yticklabels()]
     assert labels[0] == "kernel_0" and labels[-1] == "4 other kernels"  # CPU rows left out
     assert math.isclose(prof.patches[0].get_width(), 1.0)  # 3000 µs over 3 steps
+
+
+def test_prefix_figure_draws_every_measured_system_and_names_the_missing_ones(tmp_path):
+    report = _prefix(unavailable=True)
+    fig = PLOTTERS["prefix"](report, str(tmp_path / "p.png"))
+    panels = _axes_of(fig)
+    for w, n in (("shared", 30), ("multiturn", 16)):
+        ttft = panels[f"{w}: time to first token CDF ({n} requests)"]
+        assert ttft.get_xscale() == "log"
+        assert [line.get_label().split(" (")[0] for line in ttft.lines] == ["vattn", "vattn-nocache"]
+        mine = next(r for r in report["results"] if r["workload"] == w and r["system"] == "vattn")
+        pr = mine["per_request"]
+        assert sorted(ttft.lines[0].get_xdata()) == sorted(f - s for s, f in zip(pr["sent_at"], pr["first_token_at"]))
+    tput = panels["throughput"]
+    assert len(tput.patches) == 4  # two workloads x the two systems measured
+    labels = {t.get_text() for t in tput.texts}
+    assert f"{report['results'][0]['output_tokens_per_s']:,.0f}" in labels
+    assert "not measured, left out: vllm shared (vllm is not importable)" in fig.get_suptitle()
+    assert "left out" not in PLOTTERS["prefix"](_prefix(), str(tmp_path / "q.png")).get_suptitle()
+
+
+def test_elastic_figure_marks_lower_bounds_and_the_pairs_state(tmp_path):
+    panels = _axes_of(PLOTTERS["elastic"](_elastic(), str(tmp_path / "e.png")))
+    ttft = panels["TTFT of the requests that arrived in the burst"]
+    assert ttft.get_yscale() == "log"
+    labels = [t.get_text() for t in ttft.texts]
+    assert labels == ["≥ 43.00 s", "≥ 172.00 s", "0.58 s", "2.32 s"]  # only the pass with missing first tokens
+    legend = [t.get_text() for t in ttft.get_legend().get_texts()]
+    assert "lower bounds: 68 of 265 burst requests had no first token" in legend[0]
+    tput = panels["throughput"]
+    assert [p.get_height() for p in tput.patches] == [1000.0, 1650.0]
+    time = panels["the pair's state during each pass"]
+    merged = [c for c in time.collections if c.get_label() == "merged: one pipeline"]
+    (box,) = merged[0].get_paths()
+    xs = box.vertices[:, 0]
+    assert math.isclose(xs.min(), 11.5) and math.isclose(xs.max(), 70.0 - 3.6)  # from merge's end to split's start
+    notes = " ".join(t.get_text() for t in time.texts)
+    assert "merge 1.20 s, 53 recomputed" in notes and "restore 0.31 s" in notes
 
 
 def test_unknown_report_is_refused(tmp_path):

@@ -22,6 +22,11 @@ function on its report, so a figure can always be redrawn from the JSON alone:
   method's speed-up over NCCL.
 - tp: per TP size and control path, the head's control overhead per step, output tokens/s, and the
   decode step with its all-reduces' share.
+- prefix: per workload, every system's TTFT CDF (log seconds); output tokens/s per workload and
+  system (records with no measurement are left out and named in the title).
+- elastic: burst TTFT p50 and p99 (log) and output tokens/s with and without elasticity (a pass
+  whose burst requests did not all get a first token has lower bounds, marked); a timeline of each
+  pass with the burst window and when the pair was merged.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ import argparse
 import json
 
 from vattn_ray.bench.plots_engine import plot_allreduce, plot_attention, plot_kv, plot_throughput, plot_tp
+from vattn_ray.bench.plots_memory import plot_elastic, plot_prefix
 from vattn_ray.bench.plots_serving import plot_serving, plot_serving_comparison
 
-__all__ = ["PLOTTERS", "kind_of", "plot_allreduce", "plot_attention", "plot_kv", "plot_serving",
-           "plot_serving_comparison", "plot_throughput", "plot_tp"]
+__all__ = ["PLOTTERS", "kind_of", "plot_allreduce", "plot_attention", "plot_elastic", "plot_kv", "plot_prefix",
+           "plot_serving", "plot_serving_comparison", "plot_throughput", "plot_tp"]
 
 
 def kind_of(report: dict) -> str:
@@ -48,8 +54,12 @@ def kind_of(report: dict) -> str:
         return "attention"
     if report.get("groups") and all("overhead" in g for g in report["groups"]):
         return "tp"
+    if report.get("benchmark") == "elastic" or ("with_elasticity" in report and "without_elasticity" in report):
+        return "elastic"
     if "url" in report.get("config", {}) or "server" in report:
         return "serving"
+    if "results" in report and any(r.get("kind") == "schedule" for r in report["results"]):
+        return "prefix"  # before throughput: its records carry output_tokens_per_s too
     if "results" in report and any("output_tokens_per_s" in r for r in report["results"]):
         return "throughput"
     raise ValueError(f"not a report of a benchmark with a figure ({', '.join(PLOTTERS)})")
@@ -57,7 +67,7 @@ def kind_of(report: dict) -> str:
 
 PLOTTERS = {"serving": plot_serving, "serving_comparison": plot_serving_comparison,
             "throughput": plot_throughput, "kv": plot_kv, "attention": plot_attention,
-            "allreduce": plot_allreduce, "tp": plot_tp}
+            "allreduce": plot_allreduce, "tp": plot_tp, "prefix": plot_prefix, "elastic": plot_elastic}
 
 
 def main(argv: list[str] | None = None) -> int:

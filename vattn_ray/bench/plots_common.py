@@ -65,10 +65,16 @@ def log_scale(ax: Any, axis: str = "x") -> None:
     """A log axis of latencies labelled with plain numbers (20, 50, 100 ms rather than 10^1.3)."""
     from matplotlib.ticker import LogFormatter, ScalarFormatter
 
+    class _PlainLog(LogFormatter):
+        """LogFormatter's choice of which minor ticks to label, written as 0.2 rather than 2e-01."""
+
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
     getattr(ax, f"set_{axis}scale")("log")
     target = getattr(ax, f"{axis}axis")
     target.set_major_formatter(ScalarFormatter())
-    target.set_minor_formatter(LogFormatter(minor_thresholds=(2, 0.5)))  # a few labelled minor ticks
+    target.set_minor_formatter(_PlainLog(minor_thresholds=(2, 0.5)))  # a few labelled minor ticks
     ax.tick_params(axis=axis, which="minor", labelsize=6)
 
 
