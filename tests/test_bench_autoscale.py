@@ -1,5 +1,5 @@
 """The autoscaling benchmark: its phase parsing and analysis on given samples, and (marked long,
-~80 s) a real ramp against `serve run` of the CPU config with fast autoscaling: 1 -> 2 -> 1."""
+~95 s) a real ramp against `serve run` of the CPU config with fast autoscaling: 1 -> 2 -> 1."""
 
 from __future__ import annotations
 
@@ -87,14 +87,16 @@ def test_ramp_on_cpu_scales_out_and_back(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "autoscale.json"
-    rc = autoscale.main(["--config", str(path), "--phases", "low:1:3,high:8:20,idle:0:45", "--input-len", "16",
+    rc = autoscale.main(["--config", str(path), "--phases", "low:1:3,high:8:35,idle:0:45", "--input-len", "16",
                          "--output-len", "256", "--gone-window", "5", "--out", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
     a = data["analysis"]
     assert data["stop"]["returncode"] is not None
     assert len(a["replicas_seen"]) == 2, a
-    assert 0 < a["time_to_second_replica_s"] < 20
+    # The second replica must serve inside the high phase: starting one (a Ray actor, an engine) on a
+    # busy 2-core machine can take more than 20 s, so the phase is 35 s long.
+    assert 0 < a["time_to_second_replica_s"] < 35, a
     assert a["throughput_after"]["output_tokens_per_s"] > 0
     assert a["scaled_down"] is True and a["scale_down_s"] is not None
     # Scaling out and back in loses nothing: every request completed with all its tokens.
