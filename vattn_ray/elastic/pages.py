@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from vattn_ray.kvcache.backend import PhysicalMemory
-from vattn_ray.kvcache.pool import PagePool
+from vattn_ray.kvcache.pool import PagePool, check_partition
 
 FREE = ""
 
@@ -73,18 +73,7 @@ class DevicePages:
 
     def check_integrity(self, expected: dict[str, list[int]]) -> None:
         """Each page is held by the one holder that lists it (`expected`) or free; raise if not."""
-        seen: dict[int, str] = {}
-        for holder, ids in list(expected.items()) + [(FREE, self._free)]:
-            for pid in ids:
-                if pid in seen:
-                    raise AssertionError(f"page {pid} is listed by {seen[pid]!r} and by {holder!r}")
-                if self.holder[pid] != holder:
-                    raise AssertionError(f"page {pid} is listed by {holder!r} but held by {self.holder[pid]!r}")
-                seen[pid] = holder
-        if len(seen) != self.num_pages:
-            lost = sorted(set(range(self.num_pages)) - seen.keys())
-            raise AssertionError(f"{len(lost)} pages are held but listed by no holder, e.g. "
-                                 f"{[(p, self.holder[p]) for p in lost[:4]]}")
+        check_partition(range(self.num_pages), list(expected.items()) + [(FREE, self._free)], self.holder)
 
     def close(self) -> None:
         """Release every page (all must be unmapped)."""
@@ -109,18 +98,8 @@ class HeldPool(PagePool):
         return len(self._ids)
 
     def check_integrity(self, in_use: Iterable[int]) -> None:
-        used = list(in_use)
-        mine = set(self._ids)
-        seen: set[int] = set()
-        for where, ids in (("free list", self._free), ("mapped", used)):
-            for pid in ids:
-                if pid not in mine:
-                    raise AssertionError(f"page {pid} ({where}) is not one of the KV cache's pages")
-                if pid in seen:
-                    raise AssertionError(f"page {pid} appears twice (again in {where})")
-                seen.add(pid)
-        if len(seen) != len(mine):
-            raise AssertionError(f"{len(mine) - len(seen)} KV pages are neither free nor mapped (leaked)")
+        """Every page of this pool (ids of the device's pages) is free or in `in_use`, exactly once."""
+        check_partition(set(self._ids), (("free list", self._free), ("mapped", in_use)))
 
     def ids(self) -> list[int]:
         return list(self._ids)

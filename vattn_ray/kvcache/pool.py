@@ -6,7 +6,7 @@ the cost of `cuMemCreate`/`cuMemRelease` never lands on a step.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from vattn_ray.kvcache.backend import PhysicalMemory
@@ -51,23 +51,31 @@ class PagePool:
 
     def check_integrity(self, in_use: Iterable[int]) -> None:
         """Every page is either free or in `in_use`, exactly once; raise AssertionError if not."""
-        free = self._free
-        used = list(in_use)
-        seen: dict[int, str] = {}
-        for where, ids in (("free list", free), ("mapped", used)):
-            for pid in ids:
-                if not 0 <= pid < self.num_pages:
-                    raise AssertionError(f"page id {pid} ({where}) is outside the pool of {self.num_pages}")
-                if pid in seen:
-                    raise AssertionError(f"page {pid} appears in {seen[pid]} and again in {where}")
-                seen[pid] = where
-        if len(seen) != self.num_pages:
-            missing = sorted(set(range(self.num_pages)) - seen.keys())
-            raise AssertionError(f"{len(missing)} pages are neither free nor mapped (leaked), "
-                                 f"e.g. {missing[:8]}")
+        check_partition(range(self.num_pages), (("free list", self._free), ("mapped", in_use)))
 
     def close(self) -> None:
         """Release every page (all must be unmapped)."""
         handles, self.handles, self._free = self.handles, [], []
         for handle in handles:
             self.memory.release(handle)
+
+
+def check_partition(pages: Collection[int], groups: Iterable[tuple[str, Iterable[int]]],
+                    holder: Sequence[str] | None = None) -> None:
+    """Every page id of `pages` is listed by exactly one of `groups` ((name, ids) pairs), and no
+    other id is; with `holder`, each page's recorded holder is also the name of the group listing
+    it. Raise AssertionError saying which page breaks it."""
+    seen: dict[int, str] = {}
+    for name, ids in groups:
+        for pid in ids:
+            if pid not in pages:
+                raise AssertionError(f"page id {pid} ({name!r}) is not one of the pool's {len(pages)} pages")
+            if pid in seen:
+                raise AssertionError(f"page {pid} appears in {seen[pid]!r} and again in {name!r}")
+            if holder is not None and holder[pid] != name:
+                raise AssertionError(f"page {pid} is listed by {name!r} but held by {holder[pid]!r}")
+            seen[pid] = name
+    if len(seen) != len(pages):
+        missing = sorted(set(pages) - seen.keys())
+        example = [(p, holder[p]) for p in missing[:4]] if holder is not None else missing[:8]
+        raise AssertionError(f"{len(missing)} pages are listed nowhere (leaked), e.g. {example}")
