@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -39,9 +37,9 @@ import torch
 
 from vattn_ray.bench import step_driver
 from vattn_ray.bench.provenance import device_info, versions
-from vattn_ray.bench.report import RunReport
+from vattn_ray.bench.report import RunReport, resolve_checkpoint
 from vattn_ray.bench.vattn_system import GIB, VattnSystem, used_bytes
-from vattn_ray.bench.vllm_peer import launch
+from vattn_ray.bench.vllm_peer import engine_options, launch_beside, measurements
 from vattn_ray.bench.workloads import Job, percentile, random_prompt, warmup_job
 from vattn_ray.sampling_params import RequestOutputKind, SamplingParams
 
@@ -166,27 +164,10 @@ def run_vattn(name: str, args, jobs: list, dtype: str, emit) -> None:
 
 
 def run_vllm(args, jobs: list, dtype: str, emit) -> None:
-    engine = {"model": args.model, "dtype": dtype, "tensor_parallel_size": args.tp,
-              "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
-              "max_num_batched_tokens": args.max_num_batched_tokens,
-              "gpu_memory_utilization": args.gpu_memory_utilization, "seed": args.seed,
-              "enable_prefix_caching": True}
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.splitext(args.out)[0] + ".vllm-peer.json" if args.out else os.path.join(tmp, "v.json")
-        res = launch([j.to_dict() for j in jobs], engine, out_path, peer_env=args.peer_env,
-                     timeout_s=args.peer_timeout)
+    res = launch_beside(args.out, [j.to_dict() for j in jobs], engine_options(args, dtype, enable_prefix_caching=True),
+                        peer_env=args.peer_env, timeout_s=args.peer_timeout)
     emit.peer(res)
-    measured = {j["name"]: j for j in res.get("jobs", [])}
-    received = res.get("received", {})
-    for job in jobs:
-        if isinstance(job, Job):
-            continue
-        if res.get("available") is False:
-            meas = {"unavailable": res["reason"]}
-        else:
-            meas = measured.get(job.name) or {"error": res.get("error") or "not run: an earlier job failed"}
-            meas = {k: v for k, v in meas.items() if k not in ("name", "kind")}
-        meas["same_job_sha256"] = received.get(job.name) == job.summary()["sha256"]
+    for job, meas in measurements(res, jobs[1:]):  # the warm-up's failure shows in the jobs after it
         emit("vllm", job, meas)
 
 
@@ -309,12 +290,7 @@ def build_jobs(args, vocab: int) -> list:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from vattn_ray.config import read_hf_config, resolve_device, resolve_dtype, resolve_model_path
-
-    args.model = resolve_model_path(args.model)
-    hf = read_hf_config(args.model)
-    device = torch.device(resolve_device(args.device))
-    dtype = resolve_dtype(args.dtype, hf, device.type)
+    hf, device, dtype = resolve_checkpoint(args)
     jobs = build_jobs(args, int(hf["vocab_size"]))
     config = {k: v for k, v in vars(args).items() if k not in ("system_list", "workload_list")}
     data: dict = {"config": {**config, "resolved_dtype": dtype}, "device": device_info(device),

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+import torch
+
 
 class RunReport:
     """`data` is the run's JSON; it is written to `out` (nowhere when None) after every change."""
@@ -36,3 +38,14 @@ class RunReport:
             with open(tmp, "w") as f:
                 json.dump(self.data, f, indent=2)
             os.replace(tmp, self.out)  # a reader never sees half a file
+
+
+def resolve_checkpoint(args) -> tuple[dict, torch.device, str]:
+    """Resolve `args.model` to a local checkpoint (in place); its Hugging Face config, the device,
+    and the one dtype every system of the run uses."""
+    from vattn_ray.config import read_hf_config, resolve_device, resolve_dtype, resolve_model_path
+
+    args.model = resolve_model_path(args.model)
+    hf = read_hf_config(args.model)
+    device = torch.device(resolve_device(args.device))
+    return hf, device, resolve_dtype(args.dtype, hf, device.type)

@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import tempfile
 import time
 
 import torch
@@ -42,9 +40,9 @@ import torch
 from vattn_ray.bench import hf_baselines
 from vattn_ray.bench.costs import ModelCosts
 from vattn_ray.bench.provenance import device_info, versions
-from vattn_ray.bench.report import RunReport
+from vattn_ray.bench.report import RunReport, resolve_checkpoint
 from vattn_ray.bench.vattn_system import GIB, VattnSystem, sync, used_bytes
-from vattn_ray.bench.vllm_peer import launch
+from vattn_ray.bench.vllm_peer import engine_options, launch_beside, measurements
 from vattn_ray.bench.workloads import (Job, decode_latency_job, fixed_job, mixed_job, prefill_job,
                                        warmup_job)
 
@@ -255,29 +253,10 @@ def run_vattn(name: str, args, jobs: list[Job], dtype: str, emit) -> None:
 
 
 def run_vllm(args, jobs: list[Job], dtype: str, emit) -> None:
-    engine = {"model": args.model, "dtype": dtype, "tensor_parallel_size": args.tp,
-              "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
-              "max_num_batched_tokens": args.max_num_batched_tokens,
-              "gpu_memory_utilization": args.gpu_memory_utilization, "seed": args.seed}
-    if args.out:  # beside the report, so a run cut short keeps what the peer measured
-        out_path = os.path.splitext(args.out)[0] + ".vllm-peer.json"
-        res = launch([j.to_dict() for j in jobs], engine, out_path, peer_env=args.peer_env,
-                     timeout_s=args.peer_timeout)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            res = launch([j.to_dict() for j in jobs], engine, os.path.join(tmp, "vllm.json"),
-                         peer_env=args.peer_env, timeout_s=args.peer_timeout)
+    res = launch_beside(args.out, [j.to_dict() for j in jobs], engine_options(args, dtype),
+                        peer_env=args.peer_env, timeout_s=args.peer_timeout)
     emit.peer(res)
-    measured = {j["name"]: j for j in res.get("jobs", [])}
-    received = res.get("received", {})
-    for job in jobs:
-        if res.get("available") is False:
-            meas = {"unavailable": res["reason"]}
-        else:
-            meas = measured.get(job.name) or {"error": res.get("error") or "not run: an earlier job failed"}
-            meas = {k: v for k, v in meas.items() if k not in ("name", "kind")}
-        # The child's digest of the prompts and lengths it read: proof it ran the very same job.
-        meas["same_job_sha256"] = received.get(job.name) == job.summary()["sha256"]
+    for job, meas in measurements(res, jobs):
         if job.kind != "warmup" or "error" in meas:
             emit("vllm", job, meas)
 
@@ -331,12 +310,7 @@ class Report(RunReport):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from vattn_ray.config import read_hf_config, resolve_device, resolve_dtype, resolve_model_path
-
-    args.model = resolve_model_path(args.model)
-    hf = read_hf_config(args.model)
-    device = torch.device(resolve_device(args.device))
-    dtype = resolve_dtype(args.dtype, hf, device.type)  # one dtype for every system
+    hf, device, dtype = resolve_checkpoint(args)
     costs = ModelCosts.from_checkpoint(args.model, dtype)
     jobs = build_jobs(args, int(hf["vocab_size"]))
     bw = measure_copy_bandwidth(device) if device.type == "cuda" else None

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 import traceback
+from typing import Any
 
 # argparse dest -> vLLM `LLM(...)` keyword; the same names as vLLM's EngineArgs.
 ENGINE_OPTIONS = {"dtype": str, "tensor_parallel_size": int, "max_num_seqs": int, "max_model_len": int,
@@ -257,6 +258,42 @@ def launch(jobs: list[dict], engine: dict, out_path: str, *, peer_env: str | Non
     elif rc != 0 and "error" not in result and not any("error" in j for j in result.get("jobs", [])):
         result["error"] = f"the vLLM peer exited with status {rc} (its log is above)"
     return result
+
+
+def engine_options(args, dtype: str, **extra) -> dict:
+    """The peer's engine settings from a benchmark's arguments (the same limits as our engine's)."""
+    return {"model": args.model, "dtype": dtype, "tensor_parallel_size": args.tp,
+            "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
+            "max_num_batched_tokens": args.max_num_batched_tokens,
+            "gpu_memory_utilization": args.gpu_memory_utilization, "seed": args.seed, **extra}
+
+
+def launch_beside(report_out: str | None, jobs: list[dict], engine: dict, **kwargs) -> dict:
+    """`launch`, writing the peer's own result beside the report (`<report>.vllm-peer.json`, so a run
+    cut short keeps what the peer measured), or to a temporary file when there is no report."""
+    if report_out:
+        return launch(jobs, engine, os.path.splitext(report_out)[0] + ".vllm-peer.json", **kwargs)
+    with tempfile.TemporaryDirectory() as tmp:
+        return launch(jobs, engine, os.path.join(tmp, "vllm.json"), **kwargs)
+
+
+def measurements(res: dict, jobs: list) -> list[tuple[Any, dict]]:
+    """(job, measurement) for each of `jobs` (objects with `name` and `summary()`) from the peer's
+    result: "unavailable" where vLLM could not be imported, "error" where the job did not run,
+    and whether the peer's digest of the prompts it read equals ours (`same_job_sha256`: proof it
+    ran the very same job)."""
+    measured = {j["name"]: j for j in res.get("jobs", [])}
+    received = res.get("received", {})
+    out = []
+    for job in jobs:
+        if res.get("available") is False:
+            meas = {"unavailable": res["reason"]}
+        else:
+            meas = measured.get(job.name) or {"error": res.get("error") or "not run: an earlier job failed"}
+            meas = {k: v for k, v in meas.items() if k not in ("name", "kind")}
+        meas["same_job_sha256"] = received.get(job.name) == job.summary()["sha256"]
+        out.append((job, meas))
+    return out
 
 
 def _kill_group(pgid: int) -> None:
