@@ -133,6 +133,7 @@ def test_auto_backend_selection(monkeypatch, caplog):
     assert resolve_backend("auto", "cuda", 16, "float32") == "sdpa"
     assert resolve_backend("auto", "cuda", 16, "bfloat16") == "triton"
     monkeypatch.setitem(sys.modules, "triton", None)  # as if triton were not installed
+    monkeypatch.delitem(sys.modules, "vattn_ray.attention.triton_prefill", raising=False)  # nor imported yet
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="vattn_ray.attention"):
         assert resolve_backend("auto", "cuda", 128) == "torch"

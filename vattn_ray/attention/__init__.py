@@ -30,10 +30,11 @@ def resolve_backend(name: str, device: str, head_dim: int, dtype: str | None = N
         return "sdpa"
     reason = _triton_unusable(head_dim)
     if dtype == "float32":
-        from vattn_ray.attention.triton_prefill import HEAD_DIMS
+        if reason is None:  # triton imports: so does its prefill kernel's module
+            from vattn_ray.attention.triton_prefill import HEAD_DIMS
 
-        if reason is None and head_dim not in HEAD_DIMS:
-            reason = f"the Triton prefill kernel is built for head_dim {HEAD_DIMS}, not {head_dim}"
+            if head_dim not in HEAD_DIMS:
+                reason = f"the Triton prefill kernel is built for head_dim {HEAD_DIMS}, not {head_dim}"
         if reason is not None:
             logger.info("attention backend: 'sdpa' for float32 (FlashAttention-2 runs fp16/bf16 only): %s", reason)
             return "sdpa"
