@@ -56,7 +56,7 @@ b('$ckpt', 'llama', preset='llama-3-70b', dtype='bfloat16', generate_on='cuda')"
         cfg=/tmp/config.tp${tp}.yaml
         sed "s/tensor_parallel_size: 4/tensor_parallel_size: $tp/" deploy/config.tp4.gpu.yaml > "$cfg"
         python3 -m vattn_ray.bench serving_compare --system vattn --config "$cfg" --checkpoint "$ckpt" \
-            --rates "${RATES:-2,6,10,14}" --duration "${DURATION:-15}" --start-timeout 300 --budget-s 500 \
+            --rates "${RATES:-4,8,12,16,20}" --duration "${DURATION:-15}" --start-timeout 300 --budget-s 500 \
             --out-dir "$out/serving" > "$out/serving.log" 2>&1 || status=1
         tail -20 "$out/serving.log"
         cp "$out/serving/serving_vattn.json" "$out/serving_70b_${tag}.json" 2>/dev/null ;;
