@@ -51,6 +51,9 @@ def ckpts(tmp_path_factory):
         # One KV head for two ranks: each rank keeps a copy of it.
         "llama_kv1": build_random_checkpoint(str(root / "llama_kv1"), "llama", seed=9,
                                              num_key_value_heads=1),
+        # 8 q / 4 kv heads: one KV head per rank at TP=4.
+        "llama_kv4": build_random_checkpoint(str(root / "llama_kv4"), "llama", seed=11, hidden_size=128,
+                                             num_attention_heads=8, num_key_value_heads=4),
         # 3 KV heads cannot be split over 2 ranks.
         "qwen2_kv3": build_random_checkpoint(str(root / "qwen2_kv3"), "qwen2", seed=10, hidden_size=96,
                                              num_attention_heads=6, num_key_value_heads=3),
@@ -73,13 +76,13 @@ def _tp1_greedy(path: str, prompts: list[list[int]]) -> list[list[int]]:
 
 
 def _assert_shards_in_lockstep(llm: LLM) -> None:
-    """Both shards' books match the scheduler, and both mapped and unmapped the same pages."""
+    """Every shard's books match the scheduler, and all mapped and unmapped the same pages."""
     llm.engine.check_integrity()  # the scheduler's slot table against every rank's KV manager
     stats = llm.engine.executor.run_on_workers(Worker.kv_stats, None)
-    assert len(stats) == 2
+    assert len(stats) == llm.engine.config.parallel.tensor_parallel_size
     lockstep = [(s.groups_total, s.groups_mapped, s.groups_free, s.groups_mapped_total,
                  s.groups_unmapped_total) for s in stats]
-    assert lockstep[0] == lockstep[1], f"shards diverged: {lockstep}"
+    assert all(x == lockstep[0] for x in lockstep), f"shards diverged: {lockstep}"
     assert stats[0].groups_mapped_total > 0
 
 
@@ -107,6 +110,18 @@ def test_llama_gqa_tp2_matches_tp1_and_transformers(ckpts):
         ours = _greedy(llm, prompts)
         _assert_shards_in_lockstep(llm)
         assert llm.engine.stats()["num_steps"] > MAX_TOKENS  # 129 tokens in 64-token chunks
+    assert ours == _tp1_greedy(path, prompts)
+    assert ours == hf_greedy(path, prompts, MAX_TOKENS)
+
+
+def test_llama_tp4_matches_tp1_and_transformers(ckpts):
+    """Four ranks, one KV head each (the 70B shape's split at TP=8), with chunked prefill."""
+    path = ckpts["llama_kv4"]
+    prompts = _prompts([3, 41, 90, 17], seed=3)
+    with LLM(model=path, tensor_parallel_size=4, max_num_batched_tokens=64, **ENGINE) as llm:
+        assert llm.engine.layout.num_kv_heads == 1
+        ours = _greedy(llm, prompts)
+        _assert_shards_in_lockstep(llm)
     assert ours == _tp1_greedy(path, prompts)
     assert ours == hf_greedy(path, prompts, MAX_TOKENS)
 
