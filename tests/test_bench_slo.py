@@ -17,10 +17,13 @@ MODEL = "llama-3-8b-instruct"
 
 
 class FakeOpenAIServer:
-    """Streams `len` one-token chunks `gap_s` apart, like vLLM's server with include_usage."""
+    """Streams `len` one-token chunks `gap_s` apart, like vLLM's server with include_usage;
+    `concurrency` requests at a time (None: any number), the others wait."""
 
-    def __init__(self, gap_s: float) -> None:
+    def __init__(self, gap_s: float, concurrency: int | None = None) -> None:
         self.gap_s = gap_s
+        self.concurrency = concurrency
+        self.slots: asyncio.Semaphore | None = None
         self.bodies: list[dict] = []
         self.stats_calls = 0
         self.loop = asyncio.new_event_loop()
@@ -32,6 +35,14 @@ class FakeOpenAIServer:
         if body["model"] != MODEL:
             return web.json_response({"error": {"message": f"model {body['model']!r} does not exist",
                                                 "type": "NotFoundError", "code": 404}}, status=404)
+        if self.concurrency is None:
+            return await self._stream(request, body)
+        if self.slots is None:
+            self.slots = asyncio.Semaphore(self.concurrency)
+        async with self.slots:
+            return await self._stream(request, body)
+
+    async def _stream(self, request: web.Request, body: dict) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         n = body["max_tokens"]
@@ -129,7 +140,8 @@ def test_slo_verdict_from_a_slow_server(tmp_path):
 def _rate(rate: float, ttft_p99: float | None, itl_p99: float | None, failed: int = 0, completed: int = 10,
           achieved: float | None = None) -> dict:
     return {"rate": rate, "offered_rate": rate, "completed": completed, "failed": failed,
-            "request_throughput": rate if achieved is None else achieved, "output_tokens_per_s": 100.0 * rate,
+            "request_throughput": 0.8 * rate, "completion_rate": rate if achieved is None else achieved,
+            "output_tokens_per_s": 100.0 * rate,
             "ttft_ms": {"p99": ttft_p99}, "itl_ms": {"p99": itl_p99}}
 
 
@@ -160,7 +172,17 @@ def test_saturation_needs_a_missed_slo_and_a_lagging_rate(achieved, ttft, expect
 
 
 def test_stop_when_saturated_skips_the_higher_rates(tmp_path):
-    with FakeOpenAIServer(gap_s=0.15) as fake:  # 5 tokens >= 0.75 s each: 20 req/s cannot keep up
+    # One request at a time, 5 tokens 0.15 s apart: under 1.4 completions/s, 20 req/s only queue.
+    with FakeOpenAIServer(gap_s=0.15, concurrency=1) as fake:
         report = _run(fake.url, tmp_path, "--stop-when-saturated")
     assert [r["rate"] for r in report["results"]] == [20]
     assert report["skipped_rates"] == [40]
+
+
+def test_a_slow_server_that_keeps_up_is_not_saturated(tmp_path):
+    # Every request takes 0.75 s (misses a 100 ms TTFT SLO), but any number run at once: requests
+    # complete as fast as they arrive, so the higher rate is still measured.
+    with FakeOpenAIServer(gap_s=0.15) as fake:
+        report = _run(fake.url, tmp_path, "--stop-when-saturated", "--slo-ttft-ms", "100")
+    assert [r["rate"] for r in report["results"]] == [20, 40]
+    assert not report.get("skipped_rates")
