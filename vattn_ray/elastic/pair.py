@@ -160,14 +160,14 @@ class ElasticPair:
             raise ValueError(NO_STRUCTURED_OUTPUT)
         _, ids = self.replicas[0].tokenize(prompt)
         params.check_vocab(self.replicas[0].vocab_size)
-        limit = self.config.scheduler.max_model_len
-        if len(ids) + params.max_tokens > limit:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                             f"max_model_len={limit}; shorten the prompt or lower max_tokens")
         need = self.layout.groups_for_tokens(len(ids) + params.max_tokens)
         if need > self.replica_groups:  # it must fit a replica again once the pair splits
             raise ValueError(f"the request needs {need} KV page groups, a replica holds "
                              f"{self.replica_groups}; shorten the prompt or lower max_tokens")
+        limit = self.config.scheduler.max_model_len
+        if len(ids) + params.max_tokens > limit:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"max_model_len={limit}; shorten the prompt or lower max_tokens")
         if self.max_queued_requests is not None:
             # Requests that never produced a token (moved ones with tokens do not count: a merge
             # must not turn away the burst it was made for); two replicas' worth.
