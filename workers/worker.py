@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +79,9 @@ class Worker:
         self.graphs = None
         self.last_sampled = None  # [max_slots] device tensor: each slot's latest sampled token
         self.last_executed = True  # whether the previous plan ran (a plan built on it needs that)
+        # Launched steps that may still run on the device: (event after the step, slots it reads
+        # and writes). Unmapping a slot's pages waits only for the last of these that uses it.
+        self._launched: deque[tuple[torch.cuda.Event, frozenset[int]]] = deque()
 
     # ---- start-up -------------------------------------------------------------------------
     def init_device(self) -> None:
@@ -206,8 +209,7 @@ class Worker:
             # this plan carried).
             return PendingStep(plan.step, (), executed=False)
         failures = self.kv.wait_prefetch()
-        if self._shrinks(plan.kv_now):
-            self._wait_device()  # an earlier step may still read or write the pages to unmap
+        self._wait_for_slots(self._shrinking(plan.kv_now))
         failures += self.kv.apply(plan.kv_now)
         for new in plan.new_requests:
             self.requests[new.req_id] = new.sampling
@@ -221,6 +223,7 @@ class Worker:
             if self.config.cache.enable_prefetch:
                 self.kv.prefetch(plan.kv_prefetch)  # mapped on a thread while the GPU computes
             readout = self._run_batch(plan)
+            self._note_launched(plan)
             if not self.config.cache.enable_prefetch:
                 failures += self.kv.apply(plan.kv_prefetch)
         else:
@@ -228,14 +231,33 @@ class Worker:
         self._forget(plan.finished)
         return PendingStep(plan.step, self._tag(failures), readout=readout)
 
-    def _shrinks(self, ops: tuple[KVOp, ...]) -> bool:
-        # A sharing op may unmap the slot's own groups before it maps the shared ones.
-        return any(op.num_groups < self.kv.mapped_groups(op.slot)
-                   or (op.share_from >= 0 and self.kv.mapped_groups(op.slot)) for op in ops)
+    def _shrinking(self, ops: tuple[KVOp, ...]) -> set[int]:
+        """Slots whose pages `ops` unmap (a sharing op may unmap the slot's own groups before it
+        maps the shared ones)."""
+        return {op.slot for op in ops if op.num_groups < self.kv.mapped_groups(op.slot)
+                or (op.share_from >= 0 and self.kv.mapped_groups(op.slot))}
 
-    def _wait_device(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+    def _note_launched(self, plan: StepPlan) -> None:
+        if self.device.type != "cuda":
+            return  # CPU work is done when the step returns
+        while self._launched and self._launched[0][0].query():
+            self._launched.popleft()
+        event = torch.cuda.Event()
+        event.record()
+        self._launched.append((event, frozenset(s.slot for s in plan.seqs)))
+
+    def _wait_for_slots(self, slots: set[int]) -> None:
+        """Wait until no launched step still reads or writes the pages of `slots`.
+
+        Only the last step that uses one of them is waited for (steps complete in launch order on
+        the one stream): a reused idle slot, whose request finished steps ago, waits for nothing,
+        so the admission that truncates it does not stall the overlap of head and device."""
+        if not slots or not self._launched:
+            return
+        for event, used in reversed(self._launched):
+            if used & slots:
+                event.synchronize()
+                return
 
     @torch.inference_mode()
     def _run_batch(self, plan: StepPlan):

@@ -43,6 +43,7 @@ from vattn_ray.engine import LLMEngine
 from vattn_ray.sampling_params import SamplingParams
 from vattn_ray.scheduler.plan import KVOp, NewRequest, SeqChunk, StepPlan
 from vattn_ray.bench import fill_device_defaults, pid_alive
+from vattn_ray.bench.provenance import device_info, versions
 
 LLAMA8B_DIR = "/tmp/vattn-llama3-8b"
 PROBE = "bench-probe"  # the request id of the one-token overhead plans
@@ -397,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         if own_ray:
             ray.shutdown()
     result = {"device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+              "device": device_info(torch.device(args.device)), "versions": versions(),
               "model": path if args.model or args.device == "cuda" else "tiny random llama",
               "config": {k: v for k, v in vars(args).items() if k not in ("out", "tps")}, "groups": rows,
               "decode_step_vs_tp1": decode_step_vs_tp1(rows)}
