@@ -105,9 +105,11 @@ def test_streams_run_through_a_merge_and_a_split_unchanged(engine, prompts, refe
         asyncio.run(engine.transition("split"))
 
 
-def test_final_only_cumulative_and_stop_strings_match_the_ordinary_engine(engine, ckpt, prompts, reference):
-    """A stop string is looked for in the whole text (across transitions too), the text cut before
-    it, the request ended; the same cut as an ordinary engine's."""
+def test_stop_strings_across_a_merge_and_output_kinds_match_the_ordinary_engine(engine, ckpt, prompts,
+                                                                                 reference):
+    """A stop string is looked for in the whole text (across a transition too), the text cut before
+    it, the request ended: the same cut as an ordinary engine's. FINAL_ONLY sends one output,
+    CUMULATIVE the whole text each time, with one log-probability entry a token."""
     ids, text = reference[3]
     stop = text[len(text) // 2: len(text) // 2 + 3]
     assert stop.strip() and text.find(stop) > 0
@@ -115,17 +117,24 @@ def test_final_only_cumulative_and_stop_strings_match_the_ordinary_engine(engine
         want = llm.generate([prompts[3]], _greedy(stop=[stop]))[0].outputs[0]
 
     async def scenario():
+        seen: list[int] = []
+        task = asyncio.create_task(_stream(engine, "stop", prompts[3],
+                                           _greedy(stop=[stop], output_kind=RequestOutputKind.DELTA), seen))
+        await _until(lambda: len(seen) >= 2)
+        merge = await engine.transition("merge")
+        stopped = await task
+        await engine.transition("split")
         finals = [out async for out in engine.generate(
-            prompts[3], _greedy(stop=[stop], output_kind=RequestOutputKind.FINAL_ONLY), "stop")]
+            prompts[2], _greedy(output_kind=RequestOutputKind.FINAL_ONLY), "final")]
         cumulative = [out async for out in engine.generate(
             prompts[0], _greedy(output_kind=RequestOutputKind.CUMULATIVE, logprobs=1), "cum")]
-        return finals, cumulative
+        return merge, stopped, finals, cumulative
 
-    finals, cumulative = asyncio.run(scenario())
-    (final,) = finals  # FINAL_ONLY: one output
-    got = final.outputs[0]
-    assert (got.text, got.finish_reason, got.stop_reason) == (want.text, "stop", stop)
-    assert got.token_ids == want.token_ids
+    merge, (got_ids, got_text, reason), finals, cumulative = asyncio.run(scenario())
+    assert merge["requests_recomputed"] == 1  # the stop request was moved mid-way
+    assert (got_ids, got_text, reason) == (want.token_ids, want.text, "stop")
+    (final,) = finals
+    assert (final.outputs[0].token_ids, final.outputs[0].text) == reference[2]
     last = cumulative[-1].outputs[0]
     assert len(cumulative) > 1 and (last.token_ids, last.text) == reference[0]
     assert len(last.logprobs) == MAX_TOKENS and all(t in e for t, e in zip(last.token_ids, last.logprobs))
