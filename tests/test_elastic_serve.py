@@ -23,6 +23,7 @@ from vattn_ray.elastic import ElasticConfig, ElasticPair
 from vattn_ray.elastic.serving import AsyncElasticEngine, PairEngine, TransitionConflict
 from vattn_ray.model.builder import build_random_checkpoint
 from vattn_ray.sampling_params import RequestOutputKind
+from vattn_ray.scheduler.request import QueueFull
 
 PAGE = 4096
 MAX_TOKENS = 32
@@ -176,3 +177,20 @@ def test_a_bad_elastic_block_is_refused_naming_the_knob(block, words):
         AppArgs(elastic=block)
     assert words in str(info.value)
     assert AppArgs(elastic={}).elastic == ElasticConfig()  # {}: every default
+
+
+def test_the_waiting_bound_is_the_pairs_and_a_merge_takes_every_waiting_request(ckpt, prompts):
+    """`max_queued_requests` bounds the pair's requests without a token (twice the value: two
+    replicas' worth), not each engine's: a merge puts both replicas' waiting requests on one head."""
+    pair = ElasticPair(EngineArgs(model=ckpt, **ENGINE, max_queued_requests=2), ElasticConfig(enabled=False))
+    try:
+        for i in range(4):
+            pair.add_request(f"q{i}", prompts[i], _greedy())
+        with pytest.raises(QueueFull, match="twice max_queued_requests=2"):
+            pair.add_request("q4", prompts[4], _greedy())
+        assert pair.merge("test")["requests_recomputed"] == 4  # one head takes all four
+        while pair.has_work():
+            pair.step()
+        pair.check_integrity()
+    finally:
+        pair.shutdown()
