@@ -67,12 +67,9 @@ _ELASTIC = {
     "vattn:elastic_splits": ("counter", "Splits of the elastic pair back into two replicas."),
     "vattn:elastic_requests_recomputed": ("counter", "Requests moved (and recomputed) by merges and splits."),
     "vattn:elastic_merged": ("gauge", "1 while the elastic pair serves as one pipeline, else 0."),
-    "vattn:kv_capacity_tokens": ("gauge", "Tokens the KV caches of the elastic pair hold now (grows at a "
-                                          "merge)."),
-    "vattn:elastic_restore_seconds": ("histogram", "Time a split took to copy the dropped layers back "
-                                                   "from the peer."),
-    "vattn:elastic_transition_seconds": ("histogram", "Time a merge or split took, drain and recompute "
-                                                      "hand-over included."),
+    "vattn:kv_capacity_tokens": ("gauge", "Tokens the elastic pair's KV caches hold now (more when merged)."),
+    "vattn:elastic_restore_seconds": ("histogram", "Time a split took to copy the dropped layers back."),
+    "vattn:elastic_transition_seconds": ("histogram", "Time a merge or split took (drain and hand-over)."),
 }
 RESTORE_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]
 

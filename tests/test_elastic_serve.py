@@ -27,8 +27,8 @@ from vattn_ray.scheduler.request import QueueFull
 
 PAGE = 4096
 MAX_TOKENS = 32
-ENGINE = dict(device="cpu", dtype="float32", page_bytes=PAGE, max_model_len=256, max_num_seqs=8,
-              kv_cache_memory_bytes=40 * 2 * PAGE)
+ENGINE = {"device": "cpu", "dtype": "float32", "page_bytes": PAGE, "max_model_len": 256, "max_num_seqs": 8,
+          "kv_cache_memory_bytes": 40 * 2 * PAGE}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_stop_strings_across_a_merge_and_output_kinds_match_the_ordinary_engine(
     """A stop string is looked for in the whole text (across a transition too), the text cut before
     it, the request ended: the same cut as an ordinary engine's. FINAL_ONLY sends one output,
     CUMULATIVE the whole text each time, with one log-probability entry a token."""
-    ids, text = reference[3]
+    _, text = reference[3]
     stop = text[len(text) // 2: len(text) // 2 + 3]
     assert stop.strip() and text.find(stop) > 0
     with LLM(model=ckpt, **ENGINE) as llm:

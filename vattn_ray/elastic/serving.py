@@ -31,7 +31,6 @@ from vattn_ray.outputs import CompletionOutput, RequestOutput
 from vattn_ray.sampling_params import RequestOutputKind, SamplingParams
 
 
-
 class TransitionConflict(RuntimeError):
     """A merge asked of a merged pair, or a split of a split one."""
 
