@@ -1,7 +1,8 @@
 """The Ray Serve application: ``serve run deploy/config.yaml`` or import path ``deploy.app:build_app``.
 
 Each replica builds one engine (one TP group) inside the placement group that `placement/` derives
-from the TP size, and serves the OpenAI API of `deploy.server` over it.
+from the TP size, and serves the OpenAI API of `deploy.server` over it. With ``elastic:`` in the
+args a replica hosts an elastic pair instead: two TP groups and one head (`deploy/elastic.py`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ def make_engine(args: AppArgs, device: str):
 
     from vattn_ray.async_engine import AsyncLLMEngine
 
+    if args.elastic is not None:
+        from deploy.elastic import make_elastic_engine
+
+        return make_elastic_engine(args, device, _replica_id())
     return AsyncLLMEngine.from_engine_args(args.engine_args(device),
                                            placement_group=ray.util.get_current_placement_group())
 
@@ -119,13 +124,16 @@ def build_app(args: dict | AppArgs | None = None) -> Application:
         app_args = app_args.model_copy(update={"accelerator_type": None})
     placement = serve_deployment_options(
         app_args.tensor_parallel_size, device, app_args.placement_strategy, app_args.accelerator_type,
-        replica_cpus=app_args.replica_cpus, worker_cpus=app_args.worker_cpus)
+        replica_cpus=app_args.replica_cpus, worker_cpus=app_args.worker_cpus,
+        worker_groups=1 if app_args.elastic is None else 2)
     if app_args.placement_check and ray.is_initialized():
+        pair = "" if app_args.elastic is None else " x 2 (an elastic pair)"
         check_resources(placement["placement_group_bundles"], placement["placement_group_strategy"],
-                        context=f"tensor_parallel_size={app_args.tensor_parallel_size}",
+                        context=f"tensor_parallel_size={app_args.tensor_parallel_size}{pair}",
                         wait_s=app_args.placement_wait_s)
-    logger.info("vattn-ray app: model %s as %r, TP=%d on %s, bundles %s (%s)", app_args.model,
-                app_args.served_name, app_args.tensor_parallel_size, device,
+    logger.info("vattn-ray app: model %s as %r, TP=%d%s on %s, bundles %s (%s)", app_args.model,
+                app_args.served_name, app_args.tensor_parallel_size,
+                "" if app_args.elastic is None else " x 2 (elastic pair)", device,
                 placement["placement_group_bundles"], placement["placement_group_strategy"])
     deployment = LLMServer.options(**placement, **app_args.deployment_options())
     llm = deployment.bind(app_args.model_dump(), device)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deploy.limits import DEFAULT_MAX_REQUEST_BYTES
 from vattn_ray.config import EngineArgs
+from vattn_ray.elastic.policy import ElasticConfig
 
 # Engine knobs are declared once, in EngineArgs; the app takes their defaults from there.
 _ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineArgs)}
@@ -45,6 +46,11 @@ class AppArgs(BaseModel):
         "Serve repeated prompt prefixes from the KV of earlier requests (mapped, not recomputed)"))
     step_timeout_s: float = Field(_ENGINE_DEFAULTS["step_timeout_s"], gt=0, description=(
         "The watchdog: with work but no step finished for this long, /health turns 503"))
+    # --- elastic memory (docs/elastic.md): the fields and defaults are ElasticConfig's
+    elastic: ElasticConfig | None = Field(None, description=(
+        "Host an elastic pair in each replica (two TP groups that merge into a pipeline under a burst, "
+        "lending weight memory to the KV cache): merge_kv_usage, split_kv_usage, falling_checks, "
+        "check_interval_s, min_merged_s, min_split_s, enabled; {} takes every default"))
     # --- HTTP
     api_key: str | None = Field(None, description="Require 'Authorization: Bearer <key>' on /v1/* and "
                                 "/stats (default: the VATTN_RAY_API_KEY environment variable, if set)")

@@ -1,5 +1,5 @@
 """An optional API key: when set, `/v1/*`, `/tokenize`, `/detokenize` and `/stats` need
-``Authorization: Bearer <key>``.
+``Authorization: Bearer <key>`` (and an elastic pair's ``/elastic/*``).
 
 `/health` stays open (Serve's and Kubernetes' probes carry no key), and so do `/metrics`
 (Prometheus scrapers, as vLLM leaves it) and the OpenAPI pages.
@@ -15,7 +15,7 @@ import os
 from deploy.errors import error_response
 
 API_KEY_ENV = "VATTN_RAY_API_KEY"
-PROTECTED_PREFIXES = ("/v1/", "/stats", "/tokenize", "/detokenize")
+PROTECTED_PREFIXES = ("/v1/", "/stats", "/tokenize", "/detokenize", "/elastic/")
 
 
 def resolve_api_key(configured: str | None) -> str | None:

@@ -14,6 +14,8 @@ every scrape and every `stats_interval_s`; token counts and latencies are measur
 layer as outputs stream out. A request with n > 1 counts as n requests, as in vLLM, where each of
 the n sequences is its own engine request. The prefix-cache counters count prompt tokens looked up in
 the cache and those served from it (vLLM's meaning), from `engine.stats()`.
+An elastic pair (`stats()["elastic"]`) adds `_ELASTIC` below: its transitions, whether it is
+merged, its KV capacity in tokens, and the time each split took to restore the dropped layers.
 """
 
 from __future__ import annotations
@@ -57,6 +59,19 @@ _ENGINE_COUNTERS = {
                                   "prefix_cache_queries"),
     "vllm:prefix_cache_hits": ("Prefix cache hits, in terms of number of cached tokens.", "prefix_cache_hits"),
 }
+
+
+# An elastic pair's metrics (docs/elastic.md): name -> (kind, help)
+_ELASTIC = {
+    "vattn:elastic_merges": ("counter", "Merges of the elastic pair into a two-stage pipeline."),
+    "vattn:elastic_splits": ("counter", "Splits of the elastic pair back into two replicas."),
+    "vattn:elastic_requests_recomputed": ("counter", "Requests moved (and recomputed) by merges and splits."),
+    "vattn:elastic_merged": ("gauge", "1 while the elastic pair serves as one pipeline, else 0."),
+    "vattn:kv_capacity_tokens": ("gauge", "Tokens the elastic pair's KV caches hold now (more when merged)."),
+    "vattn:elastic_restore_seconds": ("histogram", "Time a split took to copy the dropped layers back."),
+    "vattn:elastic_transition_seconds": ("histogram", "Time a merge or split took (drain and hand-over)."),
+}
+RESTORE_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]
 
 
 def _ray_name(name: str) -> str:
@@ -142,6 +157,9 @@ class ServerMetrics:
         self.request_generation_tokens = metric("histogram", "vllm:request_generation_tokens", "Number of "
                                                 "generation tokens processed.", buckets=length_buckets)
         self._last_totals: dict[str, int] = {}
+        self._labels = labels
+        self.elastic: dict[str, _Metric] | None = None  # made at the first stats of an elastic pair
+        self._transitions_seen = 0
 
     def record_engine_stats(self, stats: dict) -> None:
         """Gauges from a snapshot of `engine.stats()`; its cumulative counts become counters."""
@@ -168,6 +186,35 @@ class ServerMetrics:
             if int(total) > last:
                 counter.record(int(total) - last)
             self._last_totals[key] = max(last, int(total))
+        if stats.get("elastic") is not None:
+            self._record_elastic(stats["elastic"])
+
+    def _record_elastic(self, pair: dict) -> None:
+        """An elastic pair's state and the transitions it made since the last call."""
+        if self.elastic is None:
+            self.elastic = {}
+            for name, (kind, doc) in _ELASTIC.items():
+                extra = ("event",) if name == "vattn:elastic_transition_seconds" else ()
+                buckets = RESTORE_BUCKETS if kind == "histogram" else None
+                self.elastic[name] = _Metric(kind, name, doc, self._labels, self.registry, extra_labels=extra,
+                                             buckets=buckets)
+        m = self.elastic
+        m["vattn:elastic_merged"].record(1.0 if pair["merged"] else 0.0)
+        m["vattn:kv_capacity_tokens"].record(float(pair["kv_capacity_tokens"]))
+        for name, key in (("vattn:elastic_merges", "merges"), ("vattn:elastic_splits", "splits"),
+                          ("vattn:elastic_requests_recomputed", "requests_recomputed")):
+            last = self._last_totals.get(f"elastic.{key}", 0)
+            if pair[key] > last:
+                m[name].record(pair[key] - last)
+                self._last_totals[f"elastic.{key}"] = pair[key]
+        # Each transition once: the events listed are the latest ones, the counts are totals.
+        events, total = pair["events"], pair["merges"] + pair["splits"]
+        unseen = min(max(0, total - self._transitions_seen), len(events))
+        for event in events[len(events) - unseen:] if unseen else []:
+            m["vattn:elastic_transition_seconds"].record(event["duration_s"], event=event["event"])
+            if event.get("restore_s") is not None:
+                m["vattn:elastic_restore_seconds"].record(event["restore_s"])
+        self._transitions_seen = total
 
     def exposition(self) -> bytes:
         """This replica's metrics in the Prometheus text format."""

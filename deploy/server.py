@@ -585,6 +585,10 @@ def create_app(server: OpenAIServer, api_key: str | None = None) -> FastAPI:
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     add_routes(app, server)  # /tokenize, /detokenize, /metrics
+    if hasattr(server.engine, "transition"):  # an elastic pair: /elastic/merge, /elastic/split
+        from deploy.elastic import add_elastic_routes
+
+        add_elastic_routes(app, server)
 
     @app.get("/health")
     async def health() -> JSONResponse:

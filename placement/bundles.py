@@ -9,6 +9,9 @@ Ray Serve schedules the replica actor into bundle 0 of ``placement_group_bundles
 hold the replica's own CPU next to rank 0's resources. At TP > 1 the engine starts worker rank i as
 a Ray actor in bundle i; at TP = 1 it runs rank 0 inside the replica process (no actor), so the
 replica actor itself claims all of bundle 0, GPU included (see `serve_deployment_options`).
+A replica that hosts an elastic pair drives two TP groups (``worker_groups=2``): bundles 0 .. tp-1
+hold the first group, tp .. 2tp-1 the second, so the replica reserves 2 x tp GPUs and Serve scales
+in pairs; only on CPU at TP = 1 do both groups run inside the replica (`workers_in_process`).
 On ``device="cpu"`` the bundles carry no GPU. An ``accelerator_type`` adds the custom resource
 ``accelerator_type:<T>`` (0.001 per bundle, Ray's convention) so that the group lands on that GPU model.
 """
@@ -68,18 +71,33 @@ def strategy_for(tensor_parallel_size: int, strategy: str = "STRICT_PACK") -> st
     return strategy
 
 
+def workers_in_process(tensor_parallel_size: int, device: str, worker_groups: int = 1) -> bool:
+    """Whether a replica runs its workers inside its own process: one group at TP = 1; two groups
+    (an elastic pair) only on CPU at TP = 1 (on GPUs each group needs its own devices)."""
+    return tensor_parallel_size == 1 and (worker_groups == 1 or device == "cpu")
+
+
 def serve_deployment_options(tensor_parallel_size: int, device: str = "cuda",
                              strategy: str = "STRICT_PACK", accelerator_type: str | None = None,
-                             *, replica_cpus: float = 1.0, worker_cpus: float = 1.0) -> dict:
-    """The options a Serve deployment needs to host one TP group per replica.
+                             *, replica_cpus: float = 1.0, worker_cpus: float = 1.0,
+                             worker_groups: int = 1) -> dict:
+    """The options a Serve deployment needs to host `worker_groups` TP groups per replica (one;
+    two for an elastic pair).
 
-    ``ray_actor_options`` is the replica actor's own demand, which must fit in bundle 0: at TP = 1
-    the worker runs inside the replica, so the replica takes bundle 0 whole (its GPU too); at
-    TP > 1 the worker actors hold the GPUs and the replica takes only ``replica_cpus``.
+    ``ray_actor_options`` is the replica actor's own demand, which must fit in bundle 0: with its
+    workers in process (`workers_in_process`) the replica takes bundle 0 whole (its GPU too, and
+    the CPUs of every in-process worker); otherwise the worker actors hold the GPUs and the replica
+    takes only ``replica_cpus``.
     """
-    bundles = bundles_for(tensor_parallel_size, device, accelerator_type,
-                          replica_cpus=replica_cpus, worker_cpus=worker_cpus)
-    in_process = tensor_parallel_size == 1
+    if worker_groups not in (1, 2):
+        raise ValueError(f"worker_groups must be 1 or 2 (an elastic pair), got {worker_groups!r}")
+    in_process = workers_in_process(tensor_parallel_size, device, worker_groups)
+    if in_process:
+        bundles = bundles_for(1, device, accelerator_type, worker_cpus=worker_cpus,
+                              replica_cpus=replica_cpus + (worker_groups - 1) * worker_cpus)
+    else:
+        bundles = bundles_for(tensor_parallel_size * worker_groups, device, accelerator_type,
+                              replica_cpus=replica_cpus, worker_cpus=worker_cpus)
     actor_options = {
         "num_cpus": bundles[0].get("CPU", 0.0) if in_process else float(replica_cpus),
         "num_gpus": bundles[0].get("GPU", 0.0) if in_process else 0,

@@ -69,7 +69,8 @@ def test_the_manifests_we_expect_exist():
     kinds = sorted(doc["kind"] for _, doc in load_manifests())
     assert kinds == ["RayCluster", "RayService"]
     assert {p.name for p in SERVE_CONFIGS} == {"config.yaml", "config.gpu.yaml", "config.autoscale.gpu.yaml",
-                                            "config.tp4.gpu.yaml"}
+                                            "config.tp4.gpu.yaml", "config.elastic.yaml",
+                                            "config.elastic.gpu.yaml"}
 
 
 @pytest.mark.parametrize("name, doc", load_manifests(), ids=lambda x: x if isinstance(x, str) else "")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from placement import (PlacementError, bundles_for, check_resources, placement_problem,
-                       serve_deployment_options, strategy_for)
+                       serve_deployment_options, strategy_for, workers_in_process)
 
 GPU_NODE = {"CPU": 8.0, "GPU": 1.0, "memory": 1e10}
 TWO_GPU_NODE = {"CPU": 16.0, "GPU": 2.0, "accelerator_type:H100": 1.0}
@@ -60,6 +60,23 @@ def test_at_tp1_the_replica_hosts_the_worker_and_takes_bundle_zero_whole():
     assert opts["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 1.0}
     cpu = serve_deployment_options(1, "cpu", replica_cpus=0.5, worker_cpus=0.5)
     assert cpu["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+
+
+def test_an_elastic_pair_reserves_two_tp_groups_per_replica():
+    """Group A in bundles [0, tp), group B in [tp, 2 tp); the replica (its head) only its CPUs. On
+    CPU at TP=1 both groups run inside the replica, which takes their CPUs in one bundle."""
+    opts = serve_deployment_options(2, "cuda", replica_cpus=1, worker_cpus=2, worker_groups=2)
+    assert opts["placement_group_bundles"] == [{"CPU": 3.0, "GPU": 1.0}] + [{"CPU": 2.0, "GPU": 1.0}] * 3
+    assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0}
+    tp1 = serve_deployment_options(1, "cuda", replica_cpus=1, worker_cpus=2, worker_groups=2)
+    assert tp1["placement_group_bundles"] == [{"CPU": 3.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}]
+    assert tp1["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0}
+    assert not workers_in_process(1, "cuda", 2) and workers_in_process(1, "cpu", 2)
+    cpu = serve_deployment_options(1, "cpu", replica_cpus=0.5, worker_cpus=0.5, worker_groups=2)
+    assert cpu["placement_group_bundles"] == [{"CPU": 1.5}]
+    assert cpu["ray_actor_options"] == {"num_cpus": 1.5, "num_gpus": 0.0}
+    with pytest.raises(ValueError, match="worker_groups"):
+        serve_deployment_options(1, "cuda", worker_groups=3)
 
 
 def test_strict_pack_needs_every_gpu_on_one_node():

@@ -5,6 +5,12 @@ on the event loop). The engine takes a shared lock only while its books change, 
 waits for the device, so callers add requests under that short lock and an HTTP handler never
 waits for the GPU. Aborts are queued and applied between steps. Outputs go back to each caller's
 event loop through `call_soon_threadsafe`.
+
+The engine is an `LLMEngine` or anything with its serving face (`config`, `tokenizer`, a settable
+`lock`, `add_request`, `abort_request`, `step`, `has_work`, `has_unfinished_requests`,
+`last_step_end`, `stats`, `check_integrity`, `compile_structured`, `shutdown`): an elastic pair is
+served through `vattn_ray/elastic/serving.py`. Its `step` may hand back a `RequestFailed` for a
+request it could not go on with; that request's caller gets the error.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from vattn_ray.config import EngineArgs
 from vattn_ray.engine import LLMEngine
@@ -27,10 +34,20 @@ class EngineDeadError(RuntimeError):
     """The step loop stopped (a worker died or raised); the engine cannot serve any more."""
 
 
+@dataclass
+class RequestFailed:
+    """In place of an output: the request ends with `error` (raised to its caller)."""
+
+    request_id: str
+    error: BaseException
+    finished: bool = True
+
+
 class AsyncLLMEngine:
     """Add a request, iterate its outputs as tokens arrive, abort it."""
 
     def __init__(self, engine: LLMEngine) -> None:
+        """`engine`: an `LLMEngine`, or an object with its serving face (see the module docstring)."""
         self.engine = engine
         self._lock = threading.RLock()  # the engine takes it too (e.g. drain inside a call)
         engine.lock = self._lock
@@ -83,6 +100,9 @@ class AsyncLLMEngine:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                if isinstance(item, RequestFailed):
+                    finished = True
+                    raise item.error
                 finished = item.finished
                 yield item
         finally:
@@ -113,7 +133,7 @@ class AsyncLLMEngine:
     def compile_structured(self, spec) -> None:
         """Compile a structured-output constraint now (thread-safe, cached), so that admitting its
         request does not compile it under the engine lock; ValueError if it is invalid."""
-        self.engine.structured.compile(spec)
+        self.engine.compile_structured(spec)
 
     def check_health(self) -> None:
         if self._error is None:

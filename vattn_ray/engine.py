@@ -192,6 +192,10 @@ class LLMEngine:
             self.structured.remove(seq_id)
         return self._make_output(req)
 
+    def compile_structured(self, spec) -> None:
+        """Compile a structured-output constraint (cached); ValueError if it is invalid."""
+        self.structured.compile(spec)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 

@@ -11,8 +11,8 @@ last one when no plan follows). The GPU always has the next step queued while th
 the previous one and plans the one after.
 
 Inside a Ray Serve replica the group uses the replica's own placement group (rank i in bundle i;
-the replica sits in bundle 0, see `placement/`); standalone it creates one and removes it at
-shutdown.
+the replica sits in bundle 0, see `placement/`; an elastic pair's second group starts at bundle
+`bundle_offset` = TP); standalone it creates one and removes it at shutdown.
 """
 
 from __future__ import annotations
@@ -172,8 +172,11 @@ class RayExecutor(Executor):
 
     overlaps_steps = True
 
-    def __init__(self, config: EngineConfig, placement_group=None) -> None:
+    def __init__(self, config: EngineConfig, placement_group=None, bundle_offset: int = 0) -> None:
+        """`bundle_offset`: rank i goes to bundle `bundle_offset + i` of a given (or the current)
+        placement group; a group this executor creates itself starts at bundle 0."""
         super().__init__(config)
+        self.bundle_offset = bundle_offset
         # Commands go out and answers come back in one order, from the engine's thread and from
         # callers of stats or checks: one lock keeps each send paired with its answer.
         self._lock = threading.RLock()
@@ -208,6 +211,7 @@ class RayExecutor(Executor):
                 raise TimeoutError(f"the worker group's resources {bundles} were not free within "
                                    f"{PLACEMENT_TIMEOUT_S:.0f} s (other work holds them)") from None
         self.placement_group = pg
+        offset = 0 if self.owns_placement_group else self.bundle_offset
         gpus = 1 if self.config.device == "cuda" else 0
         actor_cls = ray.remote(_RemoteWorker)
         env = dict(WORKER_ENV)
@@ -219,7 +223,7 @@ class RayExecutor(Executor):
             self.workers.append(actor_cls.options(
                 num_cpus=0, num_gpus=gpus, runtime_env={"env_vars": env},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=rank),
+                    placement_group=pg, placement_group_bundle_index=offset + rank),
             ).remote(self.config, rank, tp))
         init_method = ray.get(self.workers[0].address.remote())
         infos = self._get([w.start.remote(init_method) for w in self.workers])

@@ -17,6 +17,7 @@ Requests here are single-sequence (`n == 1`); outputs are the tokens of the whol
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -28,11 +29,14 @@ from dataclasses import dataclass, field
 from vattn_ray.config import EngineArgs, EngineConfig
 from vattn_ray.elastic import stage as stage_fns
 from vattn_ray.elastic.pipeline import PipelineExecutor
-from vattn_ray.elastic.policy import ElasticConfig, ElasticCoordinator, ReplicaLoad
+from vattn_ray.elastic.policy import Decision, ElasticConfig, ElasticCoordinator, ReplicaLoad
 from vattn_ray.engine import LLMEngine
+from vattn_ray.scheduler.request import QueueFull
 from vattn_ray.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
+NO_STRUCTURED_OUTPUT = ("structured output (response_format, structured_outputs) is not served by an elastic "
+                        "pair; omit it or use a deployment without elastic")
 
 
 @dataclass
@@ -58,10 +62,20 @@ class ElasticPair:
     """Two replicas (A, B) that serve apart and merge into a pipeline when KV memory runs out."""
 
     def __init__(self, args: EngineArgs | EngineConfig, elastic: ElasticConfig | None = None,
-                 coordinator=None, ray_workers: bool = False) -> None:
+                 coordinator=None, ray_workers: bool = False, placement_group=None) -> None:
         """`ray_workers`: every replica's workers are Ray actors (each TP group on its own
-        devices), as on a GPU host; otherwise TP=1 replicas live in this process."""
-        self.config = args.resolve() if isinstance(args, EngineArgs) else args
+        devices), as on a GPU host; otherwise TP=1 replicas live in this process. With Ray
+        workers, `placement_group` (default: the caller's, e.g. a Serve replica's) holds replica
+        A's ranks in bundles [0, TP) and B's in [TP, 2 TP); without one each group makes its own."""
+        config = args.resolve() if isinstance(args, EngineArgs) else args
+        # The waiting-queue bound is the pair's (`check_request`), not each engine's: a merge puts
+        # both replicas' waiting requests on one head, which must take them all.
+        self.max_queued_requests = config.scheduler.max_queued_requests
+        self.config = dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler,
+                                                                                max_queued_requests=None))
+        # Held while the pair's books change (`AsyncLLMEngine` sets a real lock); every engine of the
+        # pair takes the same one. Transitions run without it: see `decide` and `transition`.
+        self._lock: contextlib.AbstractContextManager = contextlib.nullcontext()
         self.elastic = elastic or ElasticConfig()
         self.coordinator = coordinator or ElasticCoordinator(self.elastic)
         self.replicas: list[LLMEngine] = []
@@ -74,7 +88,7 @@ class ElasticPair:
         self._retired_preemptions = 0  # preemptions counted by heads of earlier merges
         self._resumed: deque[PairRequest] = deque()  # moved with tokens, not handed to an engine yet
         try:
-            self._start_replicas(ray_workers)
+            self._start_replicas(ray_workers, placement_group)
             self._both(lambda e: e.executor.run_on_workers(stage_fns.enable))
             addrs = self.replicas[0].executor.run_on_workers(stage_fns.pair_address)
             timeout = max(60.0, self.config.step_timeout_s)
@@ -89,15 +103,19 @@ class ElasticPair:
                     self.config.parallel.tensor_parallel_size, 100 * self.elastic.merge_kv_usage,
                     100 * self.elastic.split_kv_usage)
 
-    def _start_replicas(self, ray_workers: bool) -> None:
+    def _start_replicas(self, ray_workers: bool, placement_group) -> None:
         """Two engines; with Ray workers both load at once (each on its own devices)."""
         if not ray_workers:
             self.replicas += [LLMEngine(self.config) for _ in range(2)]
             return
+        import ray
+
         from vattn_ray.ray_executor import RayExecutor, ensure_ray
 
         ensure_ray()
-        executors = [RayExecutor(self.config) for _ in range(2)]
+        pg = placement_group or ray.util.get_current_placement_group()
+        tp = self.config.parallel.tensor_parallel_size
+        executors = [RayExecutor(self.config, placement_group=pg, bundle_offset=i * tp) for i in range(2)]
         futures = [self._threads.submit(LLMEngine, self.config, executor=x) for x in executors]
         errors = []
         for fut, executor in zip(futures, executors):
@@ -119,18 +137,52 @@ class ElasticPair:
     def merged(self) -> bool:
         return self.head is not None
 
+    @property
+    def lock(self) -> contextlib.AbstractContextManager:
+        return self._lock
+
+    @lock.setter
+    def lock(self, lock: contextlib.AbstractContextManager) -> None:
+        self._lock = lock
+        for e in self.engines():
+            e.lock = lock
+
     # ---- requests -------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
-        """Admit a request, or raise ValueError saying what to change."""
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+    def check_request(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """The prompt's token ids if the pair can serve the request, else ValueError saying what
+        to change (`QueueFull` when too many wait). Reads only what no transition changes."""
         if params.n != 1:
-            raise ValueError(f"an elastic pair serves n=1 only, got n={params.n}; send n requests")
+            raise ValueError(f"n must be 1 for an elastic pair, got n={params.n}; send {params.n} requests "
+                             "of n=1")
+        if params.structured_outputs is not None:
+            # A moved request restarts on its new engine with its tokens so far in the prompt: the
+            # grammar would start again from its beginning in the middle of the output.
+            raise ValueError(NO_STRUCTURED_OUTPUT)
         _, ids = self.replicas[0].tokenize(prompt)
+        params.check_vocab(self.replicas[0].vocab_size)
         need = self.layout.groups_for_tokens(len(ids) + params.max_tokens)
         if need > self.replica_groups:  # it must fit a replica again once the pair splits
             raise ValueError(f"the request needs {need} KV page groups, a replica holds "
                              f"{self.replica_groups}; shorten the prompt or lower max_tokens")
+        limit = self.config.scheduler.max_model_len
+        if len(ids) + params.max_tokens > limit:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"max_model_len={limit}; shorten the prompt or lower max_tokens")
+        if self.max_queued_requests is not None:
+            # Requests that never produced a token (moved ones with tokens do not count: a merge
+            # must not turn away the burst it was made for); two replicas' worth.
+            # list(): one atomic copy, as a transition may take finished requests off meanwhile
+            waiting = sum(1 for r in list(self.requests.values()) if r.first_token_time is None)
+            if waiting >= 2 * self.max_queued_requests:
+                raise QueueFull(f"{waiting} requests are waiting for this elastic pair (twice "
+                                f"max_queued_requests={self.max_queued_requests}); retry later")
+        return ids
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        """Admit a request, or raise ValueError saying what to change."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = self.check_request(prompt, params)
         req = PairRequest(request_id, ids, params)
         self._place(req, self.head or self._least_loaded())
         self.requests[request_id] = req
@@ -158,7 +210,7 @@ class ElasticPair:
         return True
 
     def has_work(self) -> bool:
-        return bool(self.requests) or any(e.has_work() for e in self._engines())
+        return bool(self.requests) or any(e.has_work() for e in self.engines())
 
     def _hand_over_resumed(self) -> None:
         """Give resumed requests to an engine whose unstarted work is under one step's budget."""
@@ -173,27 +225,52 @@ class ElasticPair:
         return sum(len(r.prompt_token_ids) + len(r.token_ids) for r in self.requests.values()
                    if r.engine is engine and not r.started)
 
-    def _engines(self) -> list[LLMEngine]:
+    def engines(self) -> list[LLMEngine]:
+        """The engines serving now: the head while merged, else both replicas."""
         return [self.head] if self.head is not None else self.replicas
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[PairRequest]:
         """Consult the policy (every `check_interval_s`), then step every live engine once;
         returns the requests that produced tokens or finished."""
-        now = time.monotonic()
-        if now >= self._next_check:
-            self._next_check = now + self.elastic.check_interval_s
-            decision = self.coordinator.observe(self.loads(), self.merged, now)
-            if decision is not None:
-                (self.merge if decision.action == "merge" else self.split)(decision.reason)
-        if self._resumed:
-            self._hand_over_resumed()
-        engines = self._engines()
+        decision = self.decide()
+        if decision is not None:
+            self.transition(decision)
+        return self.step_engines()
+
+    def decide(self, now: float | None = None) -> Decision | None:
+        """Ask the coordinator, if a check is due: the transition to make now, or None. The loads
+        are read under the lock; the coordinator (maybe a Ray actor) is asked outside it."""
+        now = time.monotonic() if now is None else now
+        if now < self._next_check:
+            return None
+        self._next_check = now + self.elastic.check_interval_s
+        with self.lock:
+            loads, merged = self.loads(), self.merged
+        return self.coordinator.observe(loads, merged, now)
+
+    def check_due(self, now: float | None = None) -> bool:
+        """Whether `decide` would ask the coordinator now."""
+        return (time.monotonic() if now is None else now) >= self._next_check
+
+    def transition(self, decision: Decision) -> dict:
+        """Merge or split as `decision` says. It drains the engines and moves every request, so
+        the caller must keep others from adding requests meanwhile (it runs without the lock)."""
+        return (self.merge if decision.action == "merge" else self.split)(decision.reason)
+
+    def step_engines(self) -> list[PairRequest]:
+        """Step every live engine once (each takes the lock only while its books change);
+        returns the requests that produced tokens or finished."""
+        with self.lock:
+            if self._resumed:
+                self._hand_over_resumed()
+            engines = self.engines()
         if len(engines) == 1:
             outs = engines[0].step()
         else:
             outs = [o for per in self._both(lambda e: e.step()) for o in per]
-        return self._take(outs)
+        with self.lock:
+            return self._take(outs)
 
     def _take(self, outs) -> list[PairRequest]:
         touched = []
@@ -282,6 +359,7 @@ class ElasticPair:
         infos = [info for per in results for info, _ in per]
         executor = PipelineExecutor(self.config, [e.executor for e in self.replicas], infos)
         self.head = LLMEngine(self.config, executor=executor)
+        self.head.lock = self.lock
         self._move(moving, lambda: self.head)
         event = self._record("merge", reason, start, kv_groups_before=before,
                              kv_groups_after=min(i.capacity_groups for i in infos),
@@ -329,8 +407,9 @@ class ElasticPair:
     def check_integrity(self) -> list[dict]:
         """Every live scheduler against its shards' KV caches, page ownership and resident weight
         bytes on every rank; returns each rank's page counts."""
+        for e in self.engines():
+            self._take(e.drain())  # the steps in flight produced tokens: keep them
         for e in self.replicas:
-            e.drain()
             e.scheduler.check_integrity()
         if self.merged:
             self.head.check_integrity()  # the pipeline checks pages and weights too (stage.check)
@@ -345,6 +424,11 @@ class ElasticPair:
         """Change the merge/split thresholds (or switch transitions on and off) from now on."""
         self.elastic = config
         self.coordinator.configure(config)
+
+    @property
+    def num_resumed(self) -> int:
+        """Requests moved with tokens that wait for room on their new engine."""
+        return len(self._resumed)
 
     def preemptions(self) -> int:
         """Requests preempted (recomputed for want of KV memory) by every scheduler of the pair."""
