@@ -1,6 +1,7 @@
 """`serve run <config>` in a subprocess for end-to-end tests that need their own environment (a
 Ray temp dir to find Ray's metrics exporter, a Hugging Face cache): the same start, health wait,
-Ctrl-C shutdown and leftover-process check as test_serve_e2e's fixture."""
+Ctrl-C shutdown and leftover-process check as test_serve_e2e's fixture. The helpers live here,
+so a test that needs no OpenAI client (the GPU ones) can import them."""
 
 from __future__ import annotations
 
@@ -8,14 +9,64 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
+import pytest
 import yaml
-from test_serve_e2e import ROOT, _free_port, _stop, _wait_healthy
 
 logger = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 150
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session_processes(sid: int) -> list[str]:
+    """Live processes of the session the `serve run` subprocess leads (Ray's daemons included)."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,stat=,args="], capture_output=True, text=True).stdout
+    procs = []
+    for line in out.splitlines():
+        pid, psid, stat, args = line.split(None, 3)
+        if int(psid) == sid and not stat.startswith("Z"):
+            procs.append(f"{pid} {args[:120]}")
+    return procs
+
+
+def _wait_healthy(base: str, proc: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"serve run exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"no healthy server within {START_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> list[str]:
+    """Ctrl-C `serve run` (Serve shuts down, then its Ray cluster); the processes still left."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pass
+    deadline = time.monotonic() + 30
+    while _session_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return _session_processes(proc.pid)
 
 
 @contextlib.contextmanager

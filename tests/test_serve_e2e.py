@@ -11,73 +11,23 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import signal
-import socket
-import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import yaml
+from serve_run import ROOT, _free_port, _session_processes, _stop, _wait_healthy  # noqa: F401 - shared
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "deploy" / "config.yaml"
 MODEL = "tiny-llama"
-START_TIMEOUT_S = 150
 PROMPTS = [f"Request {i}: the quick brown fox {'jumps ' * (i % 5)}over the lazy dog" for i in range(16)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _session_processes(sid: int) -> list[str]:
-    """Live processes of the session the `serve run` subprocess leads (Ray's daemons included)."""
-    out = subprocess.run(["ps", "-eo", "pid=,sid=,stat=,args="], capture_output=True, text=True).stdout
-    procs = []
-    for line in out.splitlines():
-        pid, psid, stat, args = line.split(None, 3)
-        if int(psid) == sid and not stat.startswith("Z"):
-            procs.append(f"{pid} {args[:120]}")
-    return procs
-
-
-def _wait_healthy(base: str, proc: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"serve run exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"no healthy server within {START_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> list[str]:
-    """Ctrl-C `serve run` (Serve shuts down, then its Ray cluster); the processes still left."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            pass
-    deadline = time.monotonic() + 30
-    while _session_processes(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return _session_processes(proc.pid)
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """`serve run deploy/config.yaml` as shipped: (base URL, the `serve run` process)."""
-    from serve_run import serve_run  # it imports this module's helpers
+    from serve_run import serve_run
 
     with serve_run(yaml.safe_load(CONFIG.read_text()), tmp_path_factory.mktemp("serve")) as served:
         yield served

@@ -31,8 +31,7 @@ if torch.cuda.device_count() < 2:
     pytest.skip(f"the elastic pair needs 2 GPUs; this machine has {torch.cuda.device_count()}",
                 allow_module_level=True)
 
-from serve_run import serve_run  # noqa: E402
-from test_serve_e2e import ROOT  # noqa: E402
+from serve_run import ROOT, serve_run  # noqa: E402
 
 from vattn_ray.model.builder import build_random_checkpoint  # noqa: E402
 
