@@ -81,8 +81,12 @@ def serve_run(config: dict, tmp: Path, env: dict[str, str] | None = None):
     full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     full_env.update({"RAY_USAGE_STATS_ENABLED": "0", **(env or {})})
     serve_cli = Path(sys.executable).with_name("serve")
+    # Ray installed as a package folder (pip --target, as on the GPU machines) has no `serve`
+    # script: run its entry point with this interpreter instead.
+    cli = ([str(serve_cli)] if serve_cli.exists()
+           else [sys.executable, "-c", "import sys; from ray.serve.scripts import cli; sys.argv[0] = 'serve'; cli()"])
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(serve_cli), "run", "--address", "local", str(config_path)], cwd=ROOT,
+        proc = subprocess.Popen([*cli, "run", "--address", "local", str(config_path)], cwd=ROOT,
                                 env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{config['http_options']['port']}"
     try:

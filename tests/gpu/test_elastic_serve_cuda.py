@@ -107,6 +107,7 @@ def test_streams_through_merge_and_split_on_two_gpus(served):
 
     def transitions(outs, errors):
         _wait(lambda: all(len(o) >= 4 for o in outs) or errors, "every stream to start")
+        events["streamed_at_merge"] = [len(o) for o in outs]  # a parting at or after these follows it
         events["merge"] = httpx.post(f"{base}/elastic/merge", timeout=300).json()
         events["merged_stats"] = _integrity(base)["elastic"]
         at = sum(map(len, outs))
@@ -121,16 +122,18 @@ def test_streams_through_merge_and_split_on_two_gpus(served):
     assert merged["state"] == "merged" and merge["pages_lent"][0] > 0
     assert split["event"] == "split" and split["restore_bytes"] > 0 and split["pages_taken"] == merge["pages_lent"]
 
-    parted, same, total = [], 0, 0
+    parted, positions, same, total = [], [], 0, 0
     for a, b in zip(reference, elastic):
         first = next((i for i, (x, y) in enumerate(zip(a, b)) if x[0] != y[0]), len(a))
         same, total = same + first, total + len(a)
+        positions.append(first)  # against the tokens streamed before the merge: parted before it?
         if first < len(a):
             top = a[first][1]
             parted.append(top[a[first][0]] - top.get(b[first][0], -float("inf")))
     stats = _integrity(base)["elastic"]
     result = {"agreement": same / total, "identical_requests": sum(a == b for a, b in zip(reference, elastic)),
-              "requests": len(PROMPTS), "parting_margins": parted, "merge": merge, "split": split,
+              "requests": len(PROMPTS), "parting_margins": parted, "parting_positions": positions,
+              "streamed_at_merge": events["streamed_at_merge"], "merge": merge, "split": split,
               "restore_s": split["restore_s"], "restore_bytes": split["restore_bytes"],
               "kv_capacity_tokens_merged": merged["kv_capacity_tokens"],
               "kv_capacity_tokens_split": stats["kv_capacity_tokens"], "devices": torch.cuda.get_device_name(0)}
