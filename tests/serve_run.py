@@ -69,6 +69,21 @@ def _stop(proc: subprocess.Popen) -> list[str]:
     return _session_processes(proc.pid)
 
 
+def wait_until(cond, what: str, timeout_s: float) -> None:
+    """Poll `cond` every 10 ms; fail the test after `timeout_s` naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def checked_stats(base: str, timeout_s: float) -> dict:
+    """GET /stats with the integrity check (pages, weights, schedulers against shards); asserts it is ok."""
+    stats = httpx.get(f"{base}/stats", params={"check_integrity": True}, timeout=timeout_s).json()
+    assert stats["integrity"] == "ok", stats["integrity"]
+    return stats
+
+
 @contextlib.contextmanager
 def serve_run(config: dict, tmp: Path, env: dict[str, str] | None = None):
     """Serve `config` (its HTTP port replaced by a free one) on a fresh local Ray cluster; yields

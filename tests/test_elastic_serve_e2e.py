@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import pytest
 import yaml
-from test_serve_e2e import ROOT
+from serve_run import ROOT, checked_stats, serve_run, wait_until
 
 from deploy.args import AppArgs
 from vattn_ray import LLM, SamplingParams
@@ -36,7 +35,6 @@ def config() -> dict:
 
 @pytest.fixture(scope="module")
 def served(config, tmp_path_factory):
-    from serve_run import serve_run
 
     with serve_run(config, tmp_path_factory.mktemp("elastic-serve")) as served:
         yield served
@@ -68,16 +66,11 @@ def _stream(base: str, prompt: str, chunks: list[str], errors: list) -> None:
 
 
 def _wait(cond, what: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
+    wait_until(cond, what, timeout_s)
 
 
 def _integrity(base: str) -> dict:
-    stats = httpx.get(f"{base}/stats", params={"check_integrity": True}, timeout=60).json()
-    assert stats["integrity"] == "ok", stats["integrity"]
-    return stats
+    return checked_stats(base, 60)
 
 
 def test_streams_through_a_forced_merge_and_split_equal_elastic_off(served, reference):

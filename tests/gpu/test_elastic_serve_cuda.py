@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -31,7 +30,7 @@ if torch.cuda.device_count() < 2:
     pytest.skip(f"the elastic pair needs 2 GPUs; this machine has {torch.cuda.device_count()}",
                 allow_module_level=True)
 
-from serve_run import ROOT, serve_run  # noqa: E402
+from serve_run import ROOT, checked_stats, serve_run, wait_until  # noqa: E402
 
 from vattn_ray.model.builder import build_random_checkpoint  # noqa: E402
 
@@ -89,16 +88,11 @@ def _run(base: str, during=None) -> list[list]:
 
 
 def _wait(cond, what: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
+    wait_until(cond, what, timeout_s)
 
 
 def _integrity(base: str) -> dict:
-    stats = httpx.get(f"{base}/stats", params={"check_integrity": True}, timeout=120).json()
-    assert stats["integrity"] == "ok", stats["integrity"]
-    return stats
+    return checked_stats(base, 120)
 
 
 def test_streams_through_merge_and_split_on_two_gpus(served):
