@@ -41,6 +41,7 @@ import aiohttp
 import yaml
 
 from vattn_ray.bench import servers
+from vattn_ray.bench.provenance import versions
 from vattn_ray.bench.serving import PromptSampler, RequestResult, poisson_arrivals, read_vocab, stream_completion
 
 logger = logging.getLogger(__name__)
@@ -253,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     servers.install_sigterm_exit()
-    data: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "phase_list"}}
+    data: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "phase_list"},
+                            "provenance": {"gpus": servers.gpu_names(), "versions": versions()}}
 
     def save(part: dict) -> None:
         data.update(part)
