@@ -116,6 +116,10 @@ class ElasticPair:
         pg = placement_group or ray.util.get_current_placement_group()
         tp = self.config.parallel.tensor_parallel_size
         executors = [RayExecutor(self.config, placement_group=pg, bundle_offset=i * tp) for i in range(2)]
+        # transformers resolves its names lazily and not thread-safely: two engines loading their
+        # tokenizers at once can fail with "cannot import name 'AutoTokenizer'". Resolve it here.
+        from transformers import AutoTokenizer  # noqa: F401
+
         futures = [self._threads.submit(LLMEngine, self.config, executor=x) for x in executors]
         errors = []
         for fut, executor in zip(futures, executors):
