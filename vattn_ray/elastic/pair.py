@@ -118,7 +118,9 @@ class ElasticPair:
         executors = [RayExecutor(self.config, placement_group=pg, bundle_offset=i * tp) for i in range(2)]
         # transformers resolves its names lazily and not thread-safely: two engines loading their
         # tokenizers at once can fail with "cannot import name 'AutoTokenizer'". Resolve it here.
-        from transformers import AutoTokenizer  # noqa: F401
+        import transformers
+
+        transformers.AutoTokenizer  # noqa: B018 - the attribute access is what resolves it
 
         futures = [self._threads.submit(LLMEngine, self.config, executor=x) for x in executors]
         errors = []

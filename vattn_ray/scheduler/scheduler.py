@@ -42,7 +42,7 @@ from vattn_ray.config import SchedulerConfig
 from vattn_ray.layout import KVLayout
 from vattn_ray.sampling_params import SamplingParams
 from vattn_ray.scheduler.kv_policy import KVPolicy, KVStep
-from vattn_ray.scheduler.plan import PREVIOUS_SAMPLE, KVOp, NewRequest, SeqChunk, StepOutput, StepPlan
+from vattn_ray.scheduler.plan import PREVIOUS_SAMPLE, NewRequest, SeqChunk, StepOutput, StepPlan
 from vattn_ray.scheduler.request import QueueFull, Request, RequestRejected, RequestStatus, RequestUpdate
 
 logger = logging.getLogger(__name__)
