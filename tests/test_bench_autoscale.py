@@ -58,6 +58,10 @@ def test_analysis_of_a_ramp():
     assert after["completed_per_s"] == pytest.approx(2 / 10.75)
     assert a["scaled_down"] is True and a["extra_replica_last_seen_s"] == pytest.approx(39.75)
     assert a["scale_down_s"] == pytest.approx(9.75)
+    # The second request's 100 chunks carried 300 tokens (merged by a busy server): 3 per chunk.
+    requests[1]["output_tokens"] = 300
+    merged = autoscale.analyze(PHASES, _samples(), requests, gone_window_s=10.0)["throughput_after"]
+    assert merged["output_tokens_per_s"] == pytest.approx((12 + 300) / 10.75)
 
 
 def test_scale_down_that_stops_the_first_replica_is_seen():

@@ -1,10 +1,13 @@
 """The asyncio face of the engine, for serving.
 
 One background thread calls `LLMEngine.step()` in a loop (model steps block, so they must not run
-on the event loop). The engine takes a shared lock only while its books change, never while it
-waits for the device, so callers add requests under that short lock and an HTTP handler never
-waits for the GPU. Aborts are queued and applied between steps. Outputs go back to each caller's
-event loop through `call_soon_threadsafe`.
+on the event loop). The event loop never takes the engine's lock (held while a step's outputs are
+built, milliseconds at a large batch): new requests, aborts and calls go into an inbox under a lock
+held only for a list append, and the loop thread applies them between two steps, so an HTTP
+handler never waits for the engine or the GPU. A request the engine refuses gets its error as its
+first item. Each step's outputs go back to each event loop in one `call_soon_threadsafe`, and a
+stream whose reader has fallen behind reads the outputs waiting for it as one (see `merge_outputs`),
+so a busy server sends fewer, larger chunks instead of falling further behind.
 
 The engine is an `LLMEngine` or anything with its serving face (`config`, `tokenizer`, a settable
 `lock`, `add_request`, `abort_request`, `step`, `has_work`, `has_unfinished_requests`,
@@ -16,6 +19,7 @@ request it could not go on with; that request's caller gets the error.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 from vattn_ray.config import EngineArgs
 from vattn_ray.engine import LLMEngine
 from vattn_ray.outputs import RequestOutput
-from vattn_ray.sampling_params import SamplingParams
+from vattn_ray.sampling_params import RequestOutputKind, SamplingParams
 from vattn_ray.watchdog import StepWatchdog
 
 logger = logging.getLogger(__name__)
@@ -49,9 +53,15 @@ class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         """`engine`: an `LLMEngine`, or an object with its serving face (see the module docstring)."""
         self.engine = engine
+        if engine.config.device == "cuda" and isinstance(engine, LLMEngine):
+            engine.warm_up()  # before the loop starts: nothing else steps the engine yet
         self._lock = threading.RLock()  # the engine takes it too (e.g. drain inside a call)
         engine.lock = self._lock
         self._wake = threading.Event()
+        # The inbox: filled by event loops, emptied by the loop thread between steps. Its lock is
+        # only ever held for a few list operations, so taking it never stalls an event loop.
+        self._inbox = threading.Lock()
+        self._adds: list[tuple[str, str | list[int], SamplingParams]] = []
         self._aborts: list[str] = []
         self._calls: list[tuple] = []  # (fn, loop, future): run by the loop between two steps
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -81,24 +91,38 @@ class AsyncLLMEngine:
     # ---- requests -------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
-        """Stream cumulative outputs; raises ValueError before the first one if not admissible.
+        """Stream outputs; raises ValueError (or `QueueFull`) before the first one if the request is
+        not admissible.
 
-        Leaving the iteration early (client gone, task cancelled) aborts the request.
+        Outputs that pile up while the caller is busy come as one (`merge_outputs`): with
+        `DELTA` outputs nothing is lost, only fewer, larger pieces. Leaving the iteration early
+        (client gone, task cancelled) aborts the request.
         """
         self.check_health()
         queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            # Again under the lock: the loop may have died since, and it hands its error only to
-            # the streams registered before it took the lock; a later one would wait forever.
+        with self._inbox:
+            # Under the inbox lock: the loop may have died since, and it hands its error only to
+            # the streams registered before it took this lock; a later one would wait forever.
             self._raise_if_dead()
-            self.engine.add_request(request_id, prompt, params)
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
+            self._adds.append((request_id, prompt, params))
         self._wake.set()
         finished = False
+        held = None  # an item taken while merging that is not an output: next in line
         try:
             while not finished:
-                item = await queue.get()
+                if held is not None:
+                    item, held = held, None
+                else:
+                    item = await queue.get()
+                while isinstance(item, RequestOutput) and not item.finished and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if not isinstance(nxt, RequestOutput):
+                        held = nxt
+                        break
+                    item = merge_outputs(item, nxt, params.output_kind)
                 if isinstance(item, BaseException):
+                    finished = True  # refused, or the engine failed: nothing more comes
                     raise item
                 if isinstance(item, RequestFailed):
                     finished = True
@@ -111,7 +135,7 @@ class AsyncLLMEngine:
 
     async def abort(self, request_id: str) -> None:
         """Abort at any time; the request's slot is freed between steps."""
-        with self._lock:
+        with self._inbox:
             self._aborts.append(request_id)
             self._streams.pop(request_id, None)
         self._wake.set()
@@ -125,7 +149,7 @@ class AsyncLLMEngine:
         self._raise_if_dead()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        with self._lock:
+        with self._inbox:
             self._calls.append((self.engine.check_integrity, loop, future))
         self._wake.set()
         await future
@@ -180,14 +204,10 @@ class AsyncLLMEngine:
         """Mark the engine dead and end every stream in flight with the reason."""
         if self._error is None:
             self._error = exc
-        # A loop stuck inside the lock must not keep the streams waiting.
-        locked = self._lock.acquire(timeout=1.0)
-        try:
+        with self._inbox:
             streams, self._streams = list(self._streams.values()), {}
             calls, self._calls = self._calls, []
-        finally:
-            if locked:
-                self._lock.release()
+            self._adds.clear()
         err = EngineDeadError(f"engine failed: {exc}")
         for loop, queue in streams:
             loop.call_soon_threadsafe(queue.put_nowait, err)
@@ -199,27 +219,27 @@ class AsyncLLMEngine:
         try:
             while not self._stopping and self._error is None:
                 with self._lock:
-                    for request_id in self._aborts:
-                        self.engine.abort_request(request_id)
-                    self._aborts.clear()
-                    for fn, loop, future in self._calls:
-                        _run_call(fn, loop, future)
-                    self._calls.clear()
+                    self._take_inbox()
                     idle = not self.engine.has_work()
                     if idle:
-                        self._wake.clear()  # under the lock: a request added now sets it again
+                        with self._inbox:
+                            if not (self._adds or self._aborts or self._calls):
+                                self._wake.clear()  # under the inbox lock: a new item sets it again
                 if idle:
                     self._wake.wait(timeout=1.0)
                     continue
                 outputs = self.engine.step()
-                with self._lock:
-                    targets = [(o, self._streams.get(o.request_id)) for o in outputs]
+                deliveries: dict[asyncio.AbstractEventLoop, list] = {}
+                with self._inbox:
                     for o in outputs:
+                        target = self._streams.get(o.request_id)
                         if o.finished:
                             self._streams.pop(o.request_id, None)
-                for output, target in targets:
-                    if target is not None:
-                        target[0].call_soon_threadsafe(target[1].put_nowait, output)
+                        if target is not None:
+                            deliveries.setdefault(target[0], []).append((target[1], o))
+                # One wake-up per event loop per step, not one per request.
+                for loop, items in deliveries.items():
+                    loop.call_soon_threadsafe(_deliver, items)
         except BaseException as exc:  # noqa: BLE001 - every in-flight caller must hear of it
             logger.exception("engine loop failed; failing %d in-flight requests", len(self._streams))
             self._fail(exc)
@@ -229,6 +249,48 @@ class AsyncLLMEngine:
                 release = self._release_on_exit
             if release:
                 self.engine.shutdown()
+
+    def _take_inbox(self) -> None:
+        """Apply what the event loops sent since the last step (on the loop thread, under the engine
+        lock): admissions first, so an abort sent right after its request finds it."""
+        with self._inbox:
+            adds, self._adds = self._adds, []
+            aborts, self._aborts = self._aborts, []
+            calls, self._calls = self._calls, []
+        for request_id, prompt, params in adds:
+            try:
+                self.engine.add_request(request_id, prompt, params)
+            except Exception as exc:  # noqa: BLE001 - a refused request: its caller hears why
+                with self._inbox:
+                    target = self._streams.pop(request_id, None)
+                if target is not None:
+                    target[0].call_soon_threadsafe(target[1].put_nowait, exc)
+        for request_id in aborts:
+            self.engine.abort_request(request_id)
+        for fn, loop, future in calls:
+            _run_call(fn, loop, future)
+
+
+def merge_outputs(first: RequestOutput, then: RequestOutput, kind: RequestOutputKind) -> RequestOutput:
+    """`first` followed by `then` (two outputs of one request) as one output: what a reader that
+    was not there for `first` needs. The new pieces (`delta_*`, and with `DELTA` outputs the text,
+    token ids and log-probs too) are joined; everything else is `then`'s."""
+    outs = []
+    for a, b in zip(first.outputs, then.outputs):
+        merged = dataclasses.replace(b, delta_text=a.delta_text + b.delta_text,
+                                     delta_token_ids=a.delta_token_ids + b.delta_token_ids)
+        if kind is RequestOutputKind.DELTA:
+            merged.text = a.text + b.text
+            merged.token_ids = a.token_ids + b.token_ids
+            if a.logprobs is not None and b.logprobs is not None:
+                merged.logprobs = a.logprobs + b.logprobs
+        outs.append(merged)
+    return dataclasses.replace(then, outputs=outs)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 def _run_call(fn, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:

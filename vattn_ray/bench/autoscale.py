@@ -14,7 +14,8 @@ requests and steps. From those samples (`analyze`):
   time_to_second_replica_s   from the first phase with a rate above the first one's to the
                              first sample in which a second replica is serving (running a
                              request, or its step count has grown since it was first seen)
-  throughput_before / _after output tokens/s (streamed chunks) and completed req/s in that
+  throughput_before / _after output tokens/s (a request's usage tokens spread over its streamed
+                             chunks) and completed req/s in that
                              phase before and after the second replica served
   scale_down_s               from the start of the last idle phase to the last sample of any
                              replica but the first: with two replicas and polls routed between
@@ -91,19 +92,27 @@ def serving_start_times(samples: list[dict]) -> dict[str, float]:
 
 
 def window_rates(requests: list[dict], t0: float, t1: float) -> dict[str, Any]:
-    """Output tokens/s (streamed chunks) and completed requests/s in the window [t0, t1)."""
+    """Output tokens/s (each request's tokens spread over its chunks) and completed requests/s in the
+    window [t0, t1)."""
     if not t1 > t0:
         return {"from_s": t0, "to_s": t1, "output_tokens_per_s": None, "completed_per_s": None}
-    chunks = sum(1 for r in requests for c in r["chunk_s"] if t0 <= c < t1)
+    tokens = 0.0
+    for r in requests:
+        inside = sum(1 for c in r["chunk_s"] if t0 <= c < t1)
+        # A busy server merges tokens into fewer chunks: share the request's token count (from the
+        # stream's usage) over its chunks. One token per chunk when the usage never came.
+        per_chunk = r["output_tokens"] / len(r["chunk_s"]) if r.get("output_tokens") and r["chunk_s"] else 1.0
+        tokens += inside * per_chunk
     done = sum(1 for r in requests if r["end_s"] is not None and t0 <= r["end_s"] < t1)
-    return {"from_s": t0, "to_s": t1, "output_tokens_per_s": chunks / (t1 - t0), "completed_per_s": done / (t1 - t0)}
+    return {"from_s": t0, "to_s": t1, "output_tokens_per_s": tokens / (t1 - t0), "completed_per_s": done / (t1 - t0)}
 
 
 def analyze(phases: list[dict], samples: list[dict], requests: list[dict], gone_window_s: float) -> dict[str, Any]:
     """Time to the second replica, throughput before / after it, scale-down (see the module doc).
 
     `phases`: [{"name", "rate", "start_s", "end_s"}]; `samples`: /stats polls {"t", "replica",
-    "num_running", "num_steps"}; `requests`: {"phase", "sent_s", "chunk_s": [...], "end_s"}.
+    "num_running", "num_steps"}; `requests`: {"phase", "sent_s", "chunk_s": [...], "end_s",
+    "output_tokens"}.
     """
     out: dict[str, Any] = {"replicas_seen": sorted({s["replica"] for s in samples if s.get("replica")})}
     started = serving_start_times(samples)
@@ -167,7 +176,8 @@ async def run_phases(args: argparse.Namespace, phases: list[Phase], save) -> dic
         def report() -> dict[str, Any]:
             reqs = [{"phase": p, "sent_s": r.send_time - t0 if r.send_time else None,
                      "chunk_s": [round(c - t0, 4) for c in r.chunk_times],
-                     "end_s": None if r.end_time is None else r.end_time - t0, "error": r.error}
+                     "end_s": None if r.end_time is None else r.end_time - t0, "error": r.error,
+                     "output_tokens": r.output_tokens}
                     for p, r in requests]
             return {"phases": done_phases, "samples": samples, "requests": reqs,
                     "analysis": analyze(done_phases, samples, reqs, args.gone_window)}
