@@ -344,17 +344,20 @@ class LLMEngine:
 
     # ---- operations -----------------------------------------------------------------------
     def warm_up(self) -> float:
-        """Serve a few throwaway requests (prompts of several lengths, greedy and sampled) so the
-        kernels built on first use (Triton specialises on shapes) are built now and not inside the
-        first user's time to first token; returns the seconds taken. Nothing else may be running."""
+        """Serve a few throwaway requests (prompts of several lengths, greedy and sampled, each
+        admitted while the earlier ones decode, so steps mix prefills with decodes as they do when
+        serving) so the kernels built on first use (Triton specialises on shapes) are built now and
+        not inside the first user's time to first token; returns the seconds taken. Nothing else
+        may be running."""
         t0 = time.monotonic()
         s = self.config.scheduler
         longest = max(2, min(2048, s.max_model_len - 8, s.max_num_batched_tokens))
         lengths = sorted({1, 7, 16, min(100, longest), min(512, longest), longest})
         for i, n in enumerate(lengths):
-            params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=1.0 if i % 2 else 0.0,
+            params = SamplingParams(max_tokens=8, ignore_eos=True, temperature=1.0 if i % 2 else 0.0,
                                     top_p=0.9 if i % 2 else 1.0, seed=i)
             self.add_request(f"warm-up-{i}", [(17 * i + j) % self.vocab_size for j in range(n)], params)
+            self.step()
         while self.has_unfinished_requests() or self._in_flight:
             self.step()
         took = time.monotonic() - t0
