@@ -155,10 +155,3 @@ def test_warm_up_leaves_nothing_behind(reference):
     finally:
         llm.shutdown()
 
-
-def test_the_serving_engine_shortens_the_gil_switch_interval(engine):
-    import sys
-
-    from vattn_ray.async_engine import GIL_SWITCH_INTERVAL_S
-
-    assert sys.getswitchinterval() <= GIL_SWITCH_INTERVAL_S

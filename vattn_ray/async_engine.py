@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import sys
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -33,12 +32,6 @@ from vattn_ray.sampling_params import RequestOutputKind, SamplingParams
 from vattn_ray.watchdog import StepWatchdog
 
 logger = logging.getLogger(__name__)
-
-# How long a thread may hold the GIL while another waits for it. Python's default (5 ms) is paid by
-# the loop thread each time it comes back from waiting on the device while an event loop streams
-# tokens (several times a step): measured, a 3 ms step loop took 8 ms next to one busy thread at
-# 5 ms and 3.9 ms at 1 ms.
-GIL_SWITCH_INTERVAL_S = 0.001
 
 
 class EngineDeadError(RuntimeError):
@@ -60,7 +53,6 @@ class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         """`engine`: an `LLMEngine`, or an object with its serving face (see the module docstring)."""
         self.engine = engine
-        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         if engine.config.device == "cuda" and isinstance(engine, LLMEngine):
             engine.warm_up()  # before the loop starts: nothing else steps the engine yet
         self._lock = threading.RLock()  # the engine takes it too (e.g. drain inside a call)
