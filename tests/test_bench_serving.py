@@ -42,7 +42,7 @@ def test_benchmark_at_one_rate(served, tmp_path, capsys):  # noqa: F811
     rc = serving.main(["--url", base, "--model", MODEL, "--model-path", "builtin:tiny-llama",
                        "--rates", str(RATE), "--duration", str(DURATION), "--input-len", str(INPUT_LEN),
                        "--output-len", str(OUTPUT_LEN), "--timeout", "60", "--out", str(out),
-                       "--stats-interval", "0.2", "--plot", str(png)])
+                       "--stats-interval", "0.05", "--plot", str(png)])
     elapsed = time.monotonic() - t0
     assert rc == 0
     report = json.loads(out.read_text())
@@ -73,7 +73,11 @@ def test_benchmark_at_one_rate(served, tmp_path, capsys):  # noqa: F811
     # The figure's data: every inter-token gap, and the server's KV books sampled during the rate.
     assert len(r["itl_s"]) == sum(q["chunks"] - 1 for q in r["requests"])
     timeline = r["kv_timeline"]
-    assert len(timeline) >= DURATION / 0.2 / 2 and max(s["num_running"] for s in timeline) >= 1
+    assert len(timeline) >= DURATION / 0.05 / 4
+    # The samples saw the requests: one running, or the KV books moving (a tiny model's requests
+    # last a few tens of milliseconds on CPU, so a sample may fall between them all).
+    books = {(s["num_groups_mapped"], s["num_groups_idle"]) for s in timeline}
+    assert max(s["num_running"] for s in timeline) >= 1 or len(books) > 1, timeline
     assert max(s["num_groups_mapped"] for s in timeline) > 0
     assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 10_000
     table = capsys.readouterr().out

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vattn_ray.config import EngineArgs, EngineConfig, read_hf_config
-from vattn_ray.detokenizer import IncrementalDetokenizer, find_stop
+from vattn_ray.detokenizer import IncrementalDetokenizer, find_stop, stream_backend
 from vattn_ray.executor import make_executor
 from vattn_ray.outputs import CompletionOutput, RequestOutput
 from vattn_ray.sampling_params import RequestOutputKind, SamplingParams
@@ -92,6 +92,7 @@ class LLMEngine:
         pair's pipeline, `vattn_ray/elastic/`)."""
         self.config = config
         self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
+        self.detok_backend = stream_backend(self.tokenizer)  # None: decode through the tokenizer
         self.executor = executor or make_executor(config, placement_group=placement_group)
         try:
             infos = self.executor.start()
@@ -162,7 +163,7 @@ class LLMEngine:
                 child = params if params.n == 1 else dataclasses.replace(
                     params, n=1, seed=None if params.seed is None else params.seed + i)
                 seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
-                seq = _Sequence(req, i, child, IncrementalDetokenizer(self.tokenizer),
+                seq = _Sequence(req, i, child, IncrementalDetokenizer(self.tokenizer, backend=self.detok_backend),
                                 CompletionOutput(index=i, logprobs=[] if child.logprobs is not None else None))
                 self.scheduler.add_request(seq_id, ids, child, self.eos_token_ids)
                 added.append(seq_id)

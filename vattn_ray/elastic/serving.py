@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 
 from vattn_ray.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailed
-from vattn_ray.detokenizer import IncrementalDetokenizer, find_stop
+from vattn_ray.detokenizer import IncrementalDetokenizer, find_stop, stream_backend
 from vattn_ray.elastic.pair import NO_STRUCTURED_OUTPUT, ElasticPair, PairRequest
 from vattn_ray.elastic.policy import Decision
 from vattn_ray.outputs import CompletionOutput, RequestOutput
@@ -64,6 +64,7 @@ class PairEngine:
         self.pair = pair
         self.config = pair.config
         self.tokenizer = pair.replicas[0].tokenizer
+        self.detok_backend = stream_backend(self.tokenizer)
         self._streams: dict[str, _Stream] = {}
         self._arrivals: list[tuple[str, list[int], SamplingParams]] = []  # added during a transition
         self._forced: deque[tuple[str, Future]] = deque()  # transitions an operator asked for
@@ -93,7 +94,7 @@ class PairEngine:
         logprobs = [] if params.logprobs is not None else None
         self._streams[request_id] = _Stream(prompt if isinstance(prompt, str) else None, ids, params,
                                             CompletionOutput(index=0, logprobs=logprobs),
-                                            IncrementalDetokenizer(self.tokenizer))
+                                            IncrementalDetokenizer(self.tokenizer, backend=self.detok_backend))
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now (the loop calls this between steps, never during a transition)."""
