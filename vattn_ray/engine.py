@@ -58,7 +58,10 @@ class _Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.output.finished for s in self.seqs)
+        seqs = self.seqs
+        if len(seqs) == 1:  # the common case, asked a few times per request per step
+            return seqs[0].output.finish_reason is not None
+        return all(s.output.finished for s in seqs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,13 +329,18 @@ class LLMEngine:
             o.delta_text = o.text[start_text:visible]
             o.delta_token_ids = o.token_ids[start_tok:]
             seq.emitted_text, seq.emitted_tokens = visible, len(o.token_ids)
+            # Built field by field: `dataclasses.replace` costs several microseconds per call, and
+            # this runs for every running sequence at every step.
             if delta:  # only what is new: O(new) per output instead of O(everything so far)
-                outs.append(dataclasses.replace(
-                    o, token_ids=o.delta_token_ids, text=o.delta_text,
-                    logprobs=None if o.logprobs is None else o.logprobs[start_tok:]))
+                token_ids, text = o.delta_token_ids, o.delta_text
+                logprobs = None if o.logprobs is None else o.logprobs[start_tok:]
             else:
-                outs.append(dataclasses.replace(o, token_ids=list(o.token_ids), text=o.text[:visible],
-                                                logprobs=None if o.logprobs is None else list(o.logprobs)))
+                token_ids, text = list(o.token_ids), o.text[:visible]
+                logprobs = None if o.logprobs is None else list(o.logprobs)
+            outs.append(CompletionOutput(index=o.index, text=text, token_ids=token_ids,
+                                         cumulative_logprob=o.cumulative_logprob, logprobs=logprobs,
+                                         finish_reason=o.finish_reason, stop_reason=o.stop_reason,
+                                         delta_text=o.delta_text, delta_token_ids=o.delta_token_ids))
         metrics = {"arrival_time": req.arrival, "first_token_time": req.first_token}
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, metrics,
                              req.seqs[0].num_cached_tokens)
