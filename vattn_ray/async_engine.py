@@ -12,8 +12,7 @@ so a busy server sends fewer, larger chunks instead of falling further behind.
 The engine is an `LLMEngine` or anything with its serving face (`config`, `tokenizer`, a settable
 `lock`, `add_request`, `abort_request`, `step`, `has_work`, `has_unfinished_requests`,
 `last_step_end`, `stats`, `check_integrity`, `compile_structured`, `shutdown`): an elastic pair is
-served through `vattn_ray/elastic/serving.py`. Its `step` may hand back a `RequestFailed` for a
-request it could not go on with; that request's caller gets the error.
+served through `vattn_ray/elastic/serving.py`.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import dataclasses
 import logging
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from vattn_ray.config import EngineArgs
 from vattn_ray.engine import LLMEngine
@@ -36,15 +34,6 @@ logger = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     """The step loop stopped (a worker died or raised); the engine cannot serve any more."""
-
-
-@dataclass
-class RequestFailed:
-    """In place of an output: the request ends with `error` (raised to its caller)."""
-
-    request_id: str
-    error: BaseException
-    finished: bool = True
 
 
 class AsyncLLMEngine:
@@ -124,9 +113,6 @@ class AsyncLLMEngine:
                 if isinstance(item, BaseException):
                     finished = True  # refused, or the engine failed: nothing more comes
                     raise item
-                if isinstance(item, RequestFailed):
-                    finished = True
-                    raise item.error
                 finished = item.finished
                 yield item
         finally:

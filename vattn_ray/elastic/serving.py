@@ -7,11 +7,11 @@ it into `RequestOutput`s of the kind the request asked for (delta, cumulative, f
 text decoded over the whole generation, stop strings looked for in it (also across a transition,
 which each engine alone would miss), log-probabilities and times.
 
-Threads: the loop thread owns the pair; callers on the event loop add requests under the shared
-lock. A transition (a second or more on GPUs: drain, remap, recompute) runs *without* the lock, so
-the event loop never waits for it: a request added meanwhile is checked at once (a refusal is still
-immediate) and waits in `_arrivals` until the transition is over; `stats()` answers from the
-snapshot taken before it began.
+Threads: the loop thread owns the pair; it admits and aborts requests between steps (they wait in
+`AsyncLLMEngine`'s inbox meanwhile, so a request sent during a transition is admitted, or refused,
+when the transition is over). A transition (a second or more on GPUs: drain, remap, recompute)
+runs *without* the shared lock, so `stats()` from the event loop never waits for it: it answers
+from the snapshot taken before the transition began.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 
-from vattn_ray.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailed
+from vattn_ray.async_engine import AsyncLLMEngine, EngineDeadError
 from vattn_ray.detokenizer import IncrementalDetokenizer, find_stop, stream_backend
 from vattn_ray.elastic.pair import NO_STRUCTURED_OUTPUT, ElasticPair, PairRequest
 from vattn_ray.elastic.policy import Decision
@@ -66,7 +66,6 @@ class PairEngine:
         self.tokenizer = pair.replicas[0].tokenizer
         self.detok_backend = stream_backend(self.tokenizer)
         self._streams: dict[str, _Stream] = {}
-        self._arrivals: list[tuple[str, list[int], SamplingParams]] = []  # added during a transition
         self._forced: deque[tuple[str, Future]] = deque()  # transitions an operator asked for
         self._transitioning = False
         self._snapshot: dict = {}
@@ -81,16 +80,13 @@ class PairEngine:
     def lock(self, lock: contextlib.AbstractContextManager) -> None:
         self.pair.lock = lock
 
-    # ---- requests (event loop, under the lock) ---------------------------------------------
+    # ---- requests (loop thread, between steps, under the lock) ------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         """Admit a request or raise ValueError (`QueueFull` when too many wait) saying what to change."""
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = self.pair.check_request(prompt, params)
-        if self._transitioning:
-            self._arrivals.append((request_id, ids, params))
-        else:
-            self.pair.add_request(request_id, ids, params)
+        self.pair.add_request(request_id, ids, params)
         logprobs = [] if params.logprobs is not None else None
         self._streams[request_id] = _Stream(prompt if isinstance(prompt, str) else None, ids, params,
                                             CompletionOutput(index=0, logprobs=logprobs),
@@ -98,12 +94,7 @@ class PairEngine:
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now (the loop calls this between steps, never during a transition)."""
-        if self._streams.pop(request_id, None) is None:
-            return
-        waiting = [a for a in self._arrivals if a[0] != request_id]
-        if len(waiting) < len(self._arrivals):
-            self._arrivals = waiting
-        else:
+        if self._streams.pop(request_id, None) is not None:
             self.pair.abort_request(request_id)
 
     def compile_structured(self, spec) -> None:
@@ -122,22 +113,21 @@ class PairEngine:
 
     def has_work(self) -> bool:
         # Merged and idle, the policy must still be asked now and then, or the pair never splits.
-        return bool(self._arrivals or self._forced) or self.pair.has_work() or (
+        return bool(self._forced) or self.pair.has_work() or (
             self.pair.merged and self.pair.check_due())
 
     # ---- the step (loop thread) ------------------------------------------------------------
-    def step(self) -> list[RequestOutput | RequestFailed]:
+    def step(self) -> list[RequestOutput]:
         """Transition if the policy (or an operator) says so, then step the pair once."""
-        failed = self._transition_if_due()
+        self._transition_if_due()
         touched = self.pair.step_engines()
         with self.lock:
-            outputs = failed + [o for o in map(self._output, touched) if o is not None]
+            outputs = [o for o in map(self._output, touched) if o is not None]
         self.last_step_end = time.monotonic()
         return outputs
 
-    def _transition_if_due(self) -> list[RequestFailed]:
-        """Make the transition due, if any; the requests that arrived meanwhile and could not be
-        placed after it (none, as they were checked when they came; but no caller waits forever)."""
+    def _transition_if_due(self) -> None:
+        """Make the transition due, if any (requests sent meanwhile wait in the async engine's inbox)."""
         forced = None
         with self.lock:
             if self._forced:
@@ -147,12 +137,12 @@ class PairEngine:
             if (action == "merge") == self.pair.merged:
                 state = "merged" if self.pair.merged else "split"
                 future.set_exception(TransitionConflict(f"the pair is {state} already"))
-                return []
+                return
             decision = Decision(action, "requested by an operator")
         else:
             decision = self.pair.decide()
             if decision is None:
-                return []
+                return
         with self.lock:
             self._snapshot = self._stats()
             self._transitioning = True
@@ -171,17 +161,7 @@ class PairEngine:
                 self._transitioning = False
         if forced is not None:
             forced[1].set_result(event)
-        failed = []
-        with self.lock:
-            arrivals, self._arrivals = self._arrivals, []
-            for request_id, ids, params in arrivals:
-                try:
-                    self.pair.add_request(request_id, ids, params)
-                except ValueError as exc:
-                    self._streams.pop(request_id, None)
-                    failed.append(RequestFailed(request_id, exc))
         self.last_step_end = time.monotonic()
-        return failed
 
     def _output(self, req: PairRequest) -> RequestOutput | None:
         """What is new for the caller of `req` (None: nothing to send)."""
@@ -259,7 +239,7 @@ class PairEngine:
         for key in _CUMULATIVE:
             out[key] = out.get(key, 0) + self._retired[key]
         out["num_preemptions"] = self.pair.preemptions()
-        out["num_waiting"] += len(self._arrivals) + self.pair.num_resumed
+        out["num_waiting"] += self.pair.num_resumed
         capacity = sum(int(e.scheduler.stats.capacity_groups * e.layout.tokens_per_group) for e in engines)
         out["elastic"] = {**self.pair.metrics(), "state": "merged" if self.pair.merged else "split",
                           "kv_capacity_tokens": capacity, "transitioning": False,
