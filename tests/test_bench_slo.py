@@ -113,7 +113,10 @@ def test_requests_have_vllm_server_shape_and_stream_is_read(tmp_path):
         assert r["completed"] == 4 and r["failed"] == 0 and r["output_len_short"] == 0
         assert r["output_tokens"] == 20 and r["prompt_tokens"] == 48 and r["tokens_per_chunk"] == 1.0
         assert r["kv_timeline"] == []
-        assert len(r["itl_s"]) == 4 * 4 and min(r["itl_s"]) >= 0.009
+        # The server spaces chunks 10 ms apart; one read late on a busy machine shortens the next
+        # gap, so bound the gaps' median and total (4 requests x 4 gaps), not each one.
+        itl = sorted(r["itl_s"])
+        assert len(itl) == 4 * 4 and itl[len(itl) // 2] >= 0.009 and sum(itl) >= 16 * 0.009
         assert all(q["finish_reason"] == "length" and q["chunks"] == 5 for q in r["requests"])
         assert len(r["load_sha256"]) == 64
     assert report["results"][0]["load_sha256"] != report["results"][1]["load_sha256"]
