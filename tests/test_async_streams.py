@@ -154,18 +154,3 @@ def test_warm_up_leaves_nothing_behind(reference):
         assert out.outputs[0].token_ids == reference.token_ids
     finally:
         llm.shutdown()
-
-
-
-def test_head_benchmark_reports_the_step_loop_and_both_decoders(tmp_path, capsys):
-    import json
-
-    from vattn_ray.bench import head
-
-    out = tmp_path / "head.json"
-    assert head.main(["--batch", "4", "--rounds", "1", "--output-len", "6", "--out", str(out)]) == 0
-    report = json.loads(out.read_text())
-    assert report["steps"] >= 6 and report["decode_stream_used"] is True
-    assert 0 < report["process_ms_per_step"]["p50"] <= report["process_ms_per_step"]["p90"]
-    assert report["detok_us_per_token"]["decode_stream"] > 0 and report["detok_us_per_token"]["window_decode"] > 0
-    assert report["provenance"]["versions"]["git"]

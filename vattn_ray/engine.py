@@ -60,7 +60,7 @@ class _Request:
     def finished(self) -> bool:
         seqs = self.seqs
         if len(seqs) == 1:  # the common case, asked a few times per request per step
-            return seqs[0].output.finish_reason is not None
+            return seqs[0].output.finished
         return all(s.output.finished for s in seqs)
 
 
